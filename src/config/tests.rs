@@ -1,0 +1,135 @@
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn load(file: Option<&str>, vars: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Config, Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    if let Some(text) = file {
+        std::fs::write(&path, text).unwrap();
+    }
+    let flags: Overrides = flags.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    Config::load(file.map(|_| path.as_path()), env(vars), &flags)
+}
+
+#[test]
+fn defaults() {
+    let config = load(None, &[], &[]).unwrap();
+    assert_eq!(config.listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(config.upstream.url, "http://127.0.0.1:8080");
+    assert!(config.auth.api_key.is_none());
+    assert!(!config.hub.global_events);
+    assert!(config.hub.events.is_empty());
+    assert_eq!(config.hub.cors_origin, vec!["*"]);
+    assert_eq!(config.webhook.path, "/_sidecar/webhook");
+    assert_eq!(config.webhook.jwt_leeway_secs, 1200);
+    assert_eq!(config.webhook.secret_header, "x-webhook-secret");
+    assert_eq!(config.webhook.max_body_bytes, 64 * 1024 * 1024);
+    assert_eq!(config.auth.token_cache_ttl_secs, 60);
+}
+
+#[test]
+fn precedence_flags_over_env_over_file_over_defaults() {
+    let file = r#"
+        listen = "127.0.0.1:1000"
+        [upstream]
+        url = "http://file:1"
+        [hub]
+        events = ["CALL"]
+        global_events = true
+        [webhook]
+        jwt_leeway_secs = 5
+    "#;
+    let config = load(
+        Some(file),
+        &[
+            ("SIDECAR_LISTEN", "127.0.0.1:2000"),
+            ("SIDECAR_UPSTREAM_URL", "http://env:2"),
+            ("SIDECAR_EVENTS", "MESSAGES_UPSERT, CONNECTION_UPDATE"),
+            ("UNRELATED", "x"),
+        ],
+        &[("listen", "127.0.0.1:3000")],
+    )
+    .unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:3000", "flag wins");
+    assert_eq!(config.upstream.url, "http://env:2", "env beats file");
+    assert_eq!(config.hub.events, vec!["MESSAGES_UPSERT", "CONNECTION_UPDATE"]);
+    assert!(config.hub.global_events, "file beats default");
+    assert_eq!(config.webhook.jwt_leeway_secs, 5);
+}
+
+#[test]
+fn env_values_are_read_leniently() {
+    let config = load(
+        None,
+        &[
+            ("WEBSOCKET_GLOBAL_EVENTS", "true"),
+            ("SIDECAR_WEBHOOK_JWT_LEEWAY_SECS", "60"),
+            ("AUTHENTICATION_API_KEY", "123456"),
+            ("CORS_ORIGIN", "https://a.example,https://b.example"),
+            ("SIDECAR_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/8"),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert!(config.hub.global_events);
+    assert_eq!(config.webhook.jwt_leeway_secs, 60);
+    assert_eq!(config.auth.api_key.unwrap().expose(), "123456");
+    assert_eq!(config.hub.cors_origin.len(), 2);
+    assert_eq!(config.webhook.allowed_cidrs, vec!["10.0.0.0/8"]);
+}
+
+#[test]
+fn bad_values_name_the_variable() {
+    let message = |vars: &[(&str, &str)]| load(None, vars, &[]).unwrap_err().to_string();
+    let text = message(&[("SIDECAR_LISTEN", "nowhere")]);
+    assert!(text.starts_with("SIDECAR_LISTEN=\"nowhere\" is not valid"), "{text}");
+    let text = message(&[("SIDECAR_TOKEN_CACHE_TTL_SECS", "soon")]);
+    assert!(text.starts_with("SIDECAR_TOKEN_CACHE_TTL_SECS=\"soon\" is not valid"), "{text}");
+    let text = message(&[("SIDECAR_UPSTREAM_URL", "ftp://x")]);
+    assert!(text.starts_with("SIDECAR_UPSTREAM_URL=\"ftp://x\" is not valid"), "{text}");
+    let text = message(&[("SIDECAR_EVENTS", "messages.upsert")]);
+    assert!(text.starts_with("SIDECAR_EVENTS="), "{text}");
+    let text = message(&[("SIDECAR_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/99")]);
+    assert!(text.starts_with("SIDECAR_WEBHOOK_ALLOWED_CIDRS="), "{text}");
+    let text = message(&[("WEBSOCKET_GLOBAL_EVENTS", "maybe")]);
+    assert!(text.starts_with("WEBSOCKET_GLOBAL_EVENTS=\"maybe\" is not valid"), "{text}");
+}
+
+#[test]
+fn file_errors_name_the_key_and_unknown_keys_are_refused() {
+    let err = load(Some("[webhook]\nmax_body_bytes = \"big\"\n"), &[], &[]).unwrap_err();
+    assert!(err.to_string().contains("webhook.max_body_bytes"), "{err}");
+    let err = load(Some("[webhook]\nmax_body_byte = 1\n"), &[], &[]).unwrap_err();
+    assert!(err.to_string().contains("max_body_byte"), "{err}");
+}
+
+#[test]
+fn secrets_are_masked() {
+    let config = load(
+        None,
+        &[("AUTHENTICATION_API_KEY", "topsecret"), ("SIDECAR_WEBHOOK_SECRET", "hush")],
+        &[],
+    )
+    .unwrap();
+    let printed = format!("{config:?}\n{}", config.to_masked_toml());
+    assert!(!printed.contains("topsecret") && !printed.contains("hush"), "{printed}");
+    assert!(printed.contains("***"));
+}
+
+#[test]
+fn every_variable_is_documented() {
+    let readme = include_str!("../../README.md");
+    let example = include_str!("../../config.example.toml");
+    for var in ENV_VARS {
+        assert!(readme.contains(var.name), "README.md lacks {}", var.name);
+        assert!(example.contains(var.name), "config.example.toml lacks {}", var.name);
+        let leaf = var.key.rsplit('.').next().unwrap_or(var.key);
+        assert!(example.contains(&format!("{leaf} =")), "config.example.toml lacks key {}", var.key);
+    }
+}

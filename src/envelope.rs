@@ -1,0 +1,362 @@
+//! The event and its names: [`Envelope`], [`EventName`], [`InstanceName`].
+//!
+//! This is the only module that converts between the three forms of an event name
+//! (dotted wire name, UPPER_SNAKE filter form, kebab URL suffix) and the only one that
+//! knows the shape of Evolution API's webhook body. It knows nothing of HTTP or sockets.
+//!
+//! `data` and every other value are kept as the bytes Evolution sent (`RawValue`): they
+//! are never parsed into `serde_json::Value`, which would reorder keys and cost time.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserializer;
+use serde::de::{MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Why a webhook body cannot become an [`Envelope`].
+///
+/// `Syntax` means the bytes are not a JSON object (answered 400); `Semantic` means the
+/// object lacks what we need (answered 422). Evolution retries neither.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("invalid JSON body: {0}")]
+    Syntax(String),
+    #[error("{0}")]
+    Semantic(String),
+}
+
+/// The keys that Evolution's own socket.io integration emits, in its order.
+const EMIT_ORDER: [&str; 7] = [
+    "event",
+    "instance",
+    "data",
+    "server_url",
+    "date_time",
+    "sender",
+    "apikey",
+];
+
+/// The webhook-only key that the socket.io emit drops.
+const DROPPED_KEY: &str = "destination";
+
+/// A validated instance name: always usable as a namespace `/<name>` and a path segment.
+///
+/// Rule: 1–128 bytes of UTF-8; no `/`, `\`, `%` or control characters; not `.` or `..`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceName(Arc<str>);
+
+impl InstanceName {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        if name.is_empty() {
+            return Err("instance name is empty".into());
+        }
+        if name.len() > Self::MAX_LEN {
+            return Err(format!(
+                "instance name is longer than {} bytes",
+                Self::MAX_LEN
+            ));
+        }
+        if name == "." || name == ".." {
+            return Err(format!("instance name {name:?} is not allowed"));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| matches!(c, '/' | '\\' | '%') || c.is_control())
+        {
+            return Err(format!("instance name contains {bad:?}"));
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The socket.io namespace of this instance.
+    pub fn namespace(&self) -> String {
+        format!("/{}", self.0)
+    }
+
+    /// The instance of a namespace path such as `/acme`, if it is one.
+    pub fn from_namespace(ns: &str) -> Option<Self> {
+        ns.strip_prefix('/').and_then(|name| Self::parse(name).ok())
+    }
+}
+
+impl fmt::Display for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// An event name in its dotted wire form (`messages.upsert`, `group-participants.update`).
+///
+/// Only letters, digits, `.`, `_` and `-` (1–64 bytes): every Evolution event fits, and
+/// socket.io's reserved names (`connect`, ...) never collide with a dotted name we emit
+/// because `connect`/`disconnect` are refused below.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EventName(Arc<str>);
+
+impl EventName {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        if name.is_empty() || name.len() > Self::MAX_LEN {
+            return Err(format!(
+                "event name must be 1 to {} bytes long",
+                Self::MAX_LEN
+            ));
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(format!(
+                "event name {name:?} may only contain letters, digits, '.', '_' and '-'"
+            ));
+        }
+        if RESERVED_EVENTS.contains(&name) {
+            return Err(format!("event name {name:?} is reserved by socket.io"));
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The wire form, as emitted.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `MESSAGES_UPSERT`: the form used by filters and configuration.
+    pub fn upper_snake(&self) -> String {
+        upper_snake(&self.0)
+    }
+
+    /// `messages-upsert`: the by-events URL suffix.
+    pub fn kebab(&self) -> String {
+        self.0
+            .chars()
+            .map(|c| match c {
+                '.' | '_' => '-',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Events the socket.io client library reserves for itself.
+const RESERVED_EVENTS: [&str; 6] = [
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+];
+
+/// Any event-name spelling to UPPER_SNAKE: `event.replace(/[.-]/g,'_').toUpperCase()`.
+pub fn upper_snake(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '.' | '-' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect()
+}
+
+/// Whether a string is a well-formed UPPER_SNAKE filter name (`MESSAGES_UPSERT`).
+pub fn is_filter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= EventName::MAX_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// One webhook, ready to emit: its routing fields and the argument, serialized once.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    pub event: EventName,
+    pub instance: InstanceName,
+    /// The socket.io argument: the body without `destination`, keys in Evolution's order.
+    pub payload: Arc<RawValue>,
+}
+
+impl Envelope {
+    /// Parses a webhook body. Only `event` and `instance` are decoded; every value is
+    /// copied byte for byte into the payload.
+    pub fn from_webhook(body: &[u8]) -> Result<Self, Error> {
+        let text = std::str::from_utf8(body)
+            .map_err(|err| Error::Syntax(format!("body is not UTF-8: {err}")))?;
+        check_depth(text, MAX_DEPTH)?;
+        let entries = parse_top_level(text)?;
+
+        let event = unique_string_field(&entries, "event")?;
+        let instance = unique_string_field(&entries, "instance")?;
+        let event = EventName::parse(&event).map_err(Error::Semantic)?;
+        let instance = InstanceName::parse(&instance).map_err(Error::Semantic)?;
+        let payload = reorder(&entries);
+        Ok(Self {
+            event,
+            instance,
+            payload,
+        })
+    }
+}
+
+/// The deepest nesting accepted, as serde_json's own limit for parsed values.
+/// Raw values are skipped without that limit, so it is checked here.
+const MAX_DEPTH: usize = 128;
+
+/// Refuses nesting deeper than `limit` in one linear pass (no recursion).
+fn check_depth(text: &str, limit: usize) -> Result<(), Error> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text.as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return Err(Error::Syntax(format!("nesting deeper than {limit}")));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The top-level entries of a JSON object, in body order, values unparsed.
+type Entries<'a> = Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>;
+
+fn parse_top_level(text: &str) -> Result<Entries<'_>, Error> {
+    struct ObjectVisitor;
+
+    impl<'de> Visitor<'de> for ObjectVisitor {
+        type Value = Entries<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            let mut entries = Vec::with_capacity(8);
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                let value: &'de RawValue = map.next_value()?;
+                entries.push((key, value));
+            }
+            Ok(entries)
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let entries = deserializer
+        .deserialize_map(ObjectVisitor)
+        .map_err(|err| Error::Syntax(err.to_string()))?;
+    deserializer
+        .end()
+        .map_err(|err| Error::Syntax(err.to_string()))?;
+    Ok(entries)
+}
+
+/// Reads a string field that must appear exactly once.
+fn unique_string_field(entries: &Entries<'_>, key: &str) -> Result<String, Error> {
+    let mut found = entries.iter().filter(|(k, _)| k == key).map(|(_, v)| *v);
+    let value = found
+        .next()
+        .ok_or_else(|| Error::Semantic(format!("field `{key}` is missing")))?;
+    if found.next().is_some() {
+        // Two `event` keys would let a reader pick either one: refuse to guess.
+        return Err(Error::Syntax(format!("field `{key}` appears more than once")));
+    }
+    serde_json::from_str::<String>(value.get())
+        .map_err(|_| Error::Semantic(format!("field `{key}` must be a string")))
+}
+
+/// Builds the emitted argument: unknown keys before `event` first, then the known keys
+/// in Evolution's emit order, then the other unknown keys; `destination` dropped.
+fn reorder(entries: &Entries<'_>) -> Arc<RawValue> {
+    let capacity: usize = entries.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
+    let mut out = String::with_capacity(capacity + 2);
+    out.push('{');
+    let mut first = true;
+    let mut push = |out: &mut String, key: &str, value: &RawValue| {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        // Keys are re-escaped (not copied) so a key with escapes stays valid JSON.
+        write_json_string(out, key);
+        out.push(':');
+        out.push_str(value.get());
+    };
+    let is_known = |key: &str| EMIT_ORDER.contains(&key) || key == DROPPED_KEY;
+    let event_position = entries
+        .iter()
+        .position(|(k, _)| k == "event")
+        .unwrap_or(0);
+
+    for (key, value) in &entries[..event_position] {
+        if !is_known(key) {
+            push(&mut out, key, value);
+        }
+    }
+    for known in EMIT_ORDER {
+        if let Some((key, value)) = entries.iter().find(|(k, _)| k == known) {
+            push(&mut out, key, value);
+        }
+    }
+    for (key, value) in &entries[event_position..] {
+        if !is_known(key) {
+            push(&mut out, key, value);
+        }
+    }
+    out.push('}');
+    let raw = RawValue::from_string(out).unwrap_or_else(|_| {
+        // Unreachable: every piece came from valid JSON. Stay total all the same.
+        RawValue::from_string("{}".to_owned()).expect("static JSON is valid")
+    });
+    Arc::from(raw)
+}
+
+fn write_json_string(out: &mut String, value: &str) {
+    match serde_json::to_string(value) {
+        Ok(encoded) => out.push_str(&encoded),
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+#[cfg(test)]
+mod tests;

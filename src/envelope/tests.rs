@@ -1,0 +1,126 @@
+use super::*;
+
+fn parse(body: &str) -> Result<Envelope, Error> {
+    Envelope::from_webhook(body.as_bytes())
+}
+
+#[test]
+fn name_forms() {
+    let check = |dotted: &str, snake: &str, kebab: &str| {
+        let name = EventName::parse(dotted).unwrap();
+        assert_eq!(name.upper_snake(), snake, "{dotted}");
+        assert_eq!(name.kebab(), kebab, "{dotted}");
+    };
+    check("messages.upsert", "MESSAGES_UPSERT", "messages-upsert");
+    check(
+        "group-participants.update",
+        "GROUP_PARTICIPANTS_UPDATE",
+        "group-participants-update",
+    );
+    check("call", "CALL", "call");
+    check("qrcode.updated", "QRCODE_UPDATED", "qrcode-updated");
+    check("remove.instance", "REMOVE_INSTANCE", "remove-instance");
+}
+
+#[test]
+fn event_name_rule() {
+    for bad in ["", "connect", "disconnect", "a b", "a/b", "é", &"x".repeat(65)] {
+        assert!(EventName::parse(bad).is_err(), "{bad:?}");
+    }
+    assert!(is_filter_name("MESSAGES_UPSERT"));
+    assert!(!is_filter_name("messages.upsert"));
+    assert!(!is_filter_name(""));
+}
+
+#[test]
+fn instance_name_rule() {
+    for good in ["acme", "acme-support", "Acme Support 2", "ação", "a.b", &"x".repeat(128)] {
+        assert!(InstanceName::parse(good).is_ok(), "{good:?}");
+    }
+    for bad in ["", ".", "..", "a/b", "a\\b", "a%2F", "a\nb", "a\u{7f}", &"x".repeat(129)] {
+        assert!(InstanceName::parse(bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(
+        InstanceName::from_namespace("/acme").unwrap().as_str(),
+        "acme"
+    );
+    assert!(InstanceName::from_namespace("/").is_none());
+}
+
+#[test]
+fn reorders_known_keys_and_drops_destination() {
+    let body = r#"{"apikey":null,"destination":"https://x","sender":"s","date_time":"d","server_url":"u","data":{"z":1,"a":[2]},"instance":"acme","event":"messages.upsert"}"#;
+    let envelope = parse(body).unwrap();
+    assert_eq!(envelope.event.as_str(), "messages.upsert");
+    assert_eq!(envelope.instance.as_str(), "acme");
+    assert_eq!(
+        envelope.payload.get(),
+        r#"{"event":"messages.upsert","instance":"acme","data":{"z":1,"a":[2]},"server_url":"u","date_time":"d","sender":"s","apikey":null}"#
+    );
+}
+
+#[test]
+fn unknown_keys_keep_their_side_and_absent_keys_stay_absent() {
+    let body = r#"{"first":1,"event":"call","extra":{"k":"v"},"instance":"acme","last":"x"}"#;
+    let envelope = parse(body).unwrap();
+    assert_eq!(
+        envelope.payload.get(),
+        r#"{"first":1,"event":"call","instance":"acme","extra":{"k":"v"},"last":"x"}"#
+    );
+}
+
+#[test]
+fn values_travel_byte_for_byte() {
+    let body = "{\"event\":\"call\",\"instance\":\"acme\",\"data\":{\"n\":1.50,\"s\":\"\\u00e9\\n\",\"big\":123456789012345678901234567890}}";
+    let envelope = parse(body).unwrap();
+    assert_eq!(
+        envelope.payload.get(),
+        "{\"event\":\"call\",\"instance\":\"acme\",\"data\":{\"n\":1.50,\"s\":\"\\u00e9\\n\",\"big\":123456789012345678901234567890}}"
+    );
+}
+
+#[test]
+fn rejects_bad_bodies() {
+    let syntax = |body: &[u8]| {
+        assert!(
+            matches!(Envelope::from_webhook(body), Err(Error::Syntax(_))),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        )
+    };
+    let semantic = |body: &str| {
+        assert!(
+            matches!(parse(body), Err(Error::Semantic(_))),
+            "{body}"
+        )
+    };
+    syntax(b"\xff\xfe");
+    syntax(br#"{"event":"call","#);
+    syntax(b"[1,2]");
+    syntax(br#""text""#);
+    syntax(br#"{"event":"call","event":"x","instance":"a"}"#);
+    syntax(br#"{"event":"call","instance":"a","instance":"b"}"#);
+    syntax(br#"{"event":"call","instance":"a"} trailing"#);
+    semantic(r#"{"instance":"a"}"#);
+    semantic(r#"{"event":"call"}"#);
+    semantic(r#"{"event":1,"instance":"a"}"#);
+    semantic(r#"{"event":"call","instance":["a"]}"#);
+    semantic(r#"{"event":"call","instance":"a/b"}"#);
+    semantic(r#"{"event":"call","instance":".."}"#);
+}
+
+#[test]
+fn fixtures_parse() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhooks");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let body = std::fs::read(&path).unwrap();
+            let envelope = Envelope::from_webhook(&body).unwrap();
+            assert!(!envelope.payload.get().contains("\"destination\""));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 6);
+}

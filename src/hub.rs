@@ -1,0 +1,373 @@
+//! The socket.io side: namespaces, who may join them, per-client filters, and emitting.
+//!
+//! Every valid instance has a namespace `/<instance>` (created on the first CONNECT, at
+//! any time), and `/` carries every instance's events when global events are on.
+//! [`Hub::publish`] serializes an event once and hands the same packet to every socket
+//! of the namespace through one broadcast to two rooms: [`ALL_ROOM`] (clients without a
+//! filter) and `E:<UPPER_SNAKE>` (clients that asked for that event).
+//!
+//! Namespace permission is the connect middleware [`authorize`]: a refused namespace
+//! gets a CONNECT_ERROR there, while the client's other namespaces keep working. A
+//! socket's emits go to `upstream` ([`on_emit`]). This module knows nothing of HTTP
+//! ingest.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use socketioxide::extract::{AckSender, Event, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::DisconnectReason;
+use socketioxide::{SocketIo, TransportType};
+
+use crate::auth::{self, Authenticator, Principal};
+use crate::config::{self, Secret, comma_list};
+use crate::envelope::{self, Envelope, InstanceName};
+use crate::upstream::{AckReply, Upstream};
+
+/// Settings of the socket.io side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Also emit every instance's events on `/` (global key only).
+    pub global_events: bool,
+    /// UPPER_SNAKE events to emit; empty means all.
+    #[serde(with = "comma_list")]
+    pub events: Vec<String>,
+    /// Allowed CORS origins for the socket.io endpoint; `*` means any.
+    #[serde(with = "comma_list")]
+    pub cors_origin: Vec<String>,
+    /// Packets queued per socket before it counts as a slow consumer and misses events.
+    pub socket_buffer: usize,
+    /// The largest packet a client may send (socketioxide's default of 100 kB is too
+    /// small for base64 media); a larger one closes that client's connection.
+    pub max_emit_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            global_events: false,
+            events: Vec::new(),
+            cors_origin: vec!["*".to_owned()],
+            socket_buffer: 4096,
+            max_emit_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), config::Error> {
+        if let Some(bad) = self.events.iter().find(|e| !envelope::is_filter_name(e)) {
+            return Err(config::invalid(
+                "hub.events",
+                &self.events.join(","),
+                format!("{bad:?} is not an UPPER_SNAKE event name such as MESSAGES_UPSERT"),
+            ));
+        }
+        if self.socket_buffer == 0 {
+            return Err(config::invalid("hub.socket_buffer", &0, "must be positive"));
+        }
+        if self.max_emit_bytes < 1024 {
+            return Err(config::invalid(
+                "hub.max_emit_bytes",
+                &self.max_emit_bytes,
+                "must be at least 1024",
+            ));
+        }
+        for origin in &self.cors_origin {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(config::invalid(
+                    "hub.cors_origin",
+                    &self.cors_origin.join(","),
+                    format!("{origin:?} is not a valid origin"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The room of sockets that receive every event.
+pub const ALL_ROOM: &str = "*";
+
+/// The room of sockets that asked for one event (`E:MESSAGES_UPSERT`).
+fn event_room(upper_snake: &str) -> String {
+    format!("E:{upper_snake}")
+}
+
+/// What a connected socket is: stored in its extensions by [`authorize`].
+#[derive(Clone)]
+pub struct Session {
+    pub principal: Principal,
+    /// The key it connected with: forwarded on its emits, never the global key.
+    pub key: Secret,
+    /// `None` on `/`.
+    pub instance: Option<InstanceName>,
+    /// UPPER_SNAKE events it wants; empty means all.
+    pub filter: Arc<[String]>,
+    /// Emits being forwarded now, bounded by `upstream.max_in_flight`.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// State shared by every socket handler.
+struct Shared {
+    auth: Arc<Authenticator>,
+    upstream: Arc<Upstream>,
+    /// Sockets whose namespace lost a creation race inside socketioxide (two first
+    /// CONNECTs to a new namespace at once): broadcasts miss them, so they get events
+    /// one by one. Normally empty.
+    strays: Mutex<HashMap<String, Vec<SocketRef>>>,
+}
+
+/// A handle to the socket.io server. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    io: SocketIo,
+    shared: Arc<Shared>,
+    /// `None` means every event is emitted.
+    allowed_events: Option<Arc<HashSet<String>>>,
+    global_events: bool,
+}
+
+impl Hub {
+    /// Builds the socket.io layer and its hub. Binds nothing.
+    pub fn build(
+        config: &Config,
+        auth: Arc<Authenticator>,
+        upstream: Arc<Upstream>,
+    ) -> Result<(SocketIoLayer, Hub), config::Error> {
+        config.validate()?;
+        let shared = Arc::new(Shared {
+            auth,
+            upstream,
+            strays: Mutex::new(HashMap::new()),
+        });
+        let (layer, io) = SocketIo::builder()
+            .max_buffer_size(config.socket_buffer)
+            .max_payload(config.max_emit_bytes)
+            .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
+            .with_state(shared.clone())
+            .build_layer();
+
+        // `/{instance}` does not match `/`: the global namespace is its own.
+        io.ns("/", on_connect.with(authorize));
+        io.dyn_ns("/{instance}", on_connect.with(authorize))
+            .map_err(|err| config::Error::new(format!("socket.io namespace: {err}")))?;
+
+        let allowed_events = (!config.events.is_empty())
+            .then(|| Arc::new(config.events.iter().cloned().collect::<HashSet<_>>()));
+        Ok((
+            layer,
+            Hub {
+                io,
+                shared,
+                allowed_events,
+                global_events: config.global_events,
+            },
+        ))
+    }
+
+    /// Emits one event to its instance's namespace (and `/` with global events on).
+    ///
+    /// The payload is encoded once per namespace; a slow socket whose queue is full
+    /// misses the event (counted) and never delays the others or the webhook.
+    pub async fn publish(&self, envelope: &Envelope) {
+        let upper = envelope.event.upper_snake();
+        if let Some(allowed) = &self.allowed_events
+            && !allowed.contains(&upper)
+        {
+            return;
+        }
+        let rooms = [ALL_ROOM.to_owned(), event_room(&upper)];
+        let namespace = envelope.instance.namespace();
+        self.emit_to(&namespace, &rooms, envelope).await;
+        if self.global_events {
+            self.emit_to("/", &rooms, envelope).await;
+        }
+    }
+
+    async fn emit_to(&self, namespace: &str, rooms: &[String; 2], envelope: &Envelope) {
+        let event = envelope.event.as_str();
+        let payload: &serde_json::value::RawValue = &envelope.payload;
+        if let Some(operators) = self.io.of(namespace) {
+            if let Err(err) = operators.to(rooms.clone()).emit(event, payload).await {
+                tracing::warn!(ns = namespace, event, error = %err, "some sockets missed an event");
+            }
+        }
+        let strays: Vec<SocketRef> = {
+            let strays = self.shared.strays.lock().unwrap_or_else(|e| e.into_inner());
+            strays.get(namespace).cloned().unwrap_or_default()
+        };
+        for socket in strays {
+            let member = socket.rooms().iter().any(|room| rooms.iter().any(|r| r == room));
+            if member && let Err(err) = socket.emit(event, payload) {
+                tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
+            }
+        }
+    }
+
+    /// Disconnects every socket (shutdown).
+    pub async fn close(&self) {
+        self.io.close().await;
+    }
+
+    /// Connected sockets on this node, across namespaces.
+    pub fn socket_count(&self) -> usize {
+        self.io.nsps().into_iter().map(|ns| ns.sockets().len()).sum()
+    }
+}
+
+// === Socket handlers ===
+
+/// Why a namespace CONNECT is refused: sent to the client as its CONNECT_ERROR message.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("invalid namespace")]
+    BadNamespace,
+    #[error("{0}")]
+    Auth(#[from] auth::Error),
+    #[error("this api key may not join namespace {0}")]
+    Forbidden(String),
+    #[error("invalid event filter {0:?}")]
+    BadFilter(String),
+}
+
+/// Connect middleware: who is this socket, and may it join this namespace?
+async fn authorize(
+    socket: SocketRef,
+    TryData(auth_payload): TryData<Value>,
+    State(shared): State<Arc<Shared>>,
+) -> Result<(), ConnectError> {
+    let namespace = socket.ns().to_owned();
+    let instance = if namespace == "/" {
+        None
+    } else {
+        Some(InstanceName::from_namespace(&namespace).ok_or(ConnectError::BadNamespace)?)
+    };
+    let auth_payload = auth_payload.ok();
+    let key = auth::key_from_request(socket.req_parts())
+        .or_else(|| string_field(auth_payload.as_ref(), "apikey"))
+        .ok_or(auth::Error::Invalid)?;
+    let principal = shared.auth.resolve(&key).await?;
+    if !principal.may_join(&namespace) {
+        tracing::debug!(ns = %namespace, principal = %principal.label(), "namespace refused");
+        return Err(ConnectError::Forbidden(namespace));
+    }
+    let filter = parse_filter(socket.req_parts(), auth_payload.as_ref())?;
+    socket.extensions.insert(Session {
+        principal,
+        key: Secret::new(key),
+        instance,
+        filter: filter.into(),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+    });
+    Ok(())
+}
+
+/// A socket joined: subscribe it to its rooms and route its emits upstream.
+async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Shared>>) {
+    let Some(session) = socket.extensions.get::<Session>() else {
+        // Unreachable: `authorize` runs first. Refuse rather than serve unauthenticated.
+        let _ = socket.disconnect();
+        return;
+    };
+    if session.filter.is_empty() {
+        socket.join(ALL_ROOM);
+    } else {
+        socket.join(session.filter.iter().map(|e| event_room(e)).collect::<Vec<_>>());
+    }
+    tracing::debug!(
+        sid = %socket.id,
+        ns = socket.ns(),
+        principal = %session.principal.label(),
+        websocket = socket.transport_type() == TransportType::Websocket,
+        "socket connected"
+    );
+
+    let registered = io
+        .of(socket.ns())
+        .and_then(|ns| ns.get_socket(socket.id))
+        .is_some();
+    if !registered {
+        tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: delivering to this socket directly");
+        let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
+        strays.entry(socket.ns().to_owned()).or_default().push(socket.clone());
+    }
+
+    socket.on_fallback(on_emit);
+    socket.on_disconnect(on_disconnect);
+}
+
+async fn on_disconnect(socket: SocketRef, reason: DisconnectReason, State(shared): State<Arc<Shared>>) {
+    tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
+    let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(list) = strays.get_mut(socket.ns()) {
+        list.retain(|s| s.id != socket.id);
+        if list.is_empty() {
+            strays.remove(socket.ns());
+        }
+    }
+}
+
+/// A client emit: forwarded to the upstream REST API, always answered through the ack.
+async fn on_emit(
+    socket: SocketRef,
+    Event(event): Event,
+    TryData(argument): TryData<Value>,
+    ack: AckSender,
+    State(shared): State<Arc<Shared>>,
+) {
+    let Some(session) = socket.extensions.get::<Session>() else {
+        return;
+    };
+    let reply = match argument {
+        Ok(argument) => shared.upstream.forward(&session, &event, argument).await,
+        Err(_) => AckReply::error(400, "argument must be a JSON object"),
+    };
+    if let Err(err) = ack.send(&reply) {
+        tracing::debug!(sid = %socket.id, error = %err, "ack not delivered");
+    }
+}
+
+fn string_field(payload: Option<&Value>, name: &str) -> Option<String> {
+    payload?.get(name)?.as_str().map(str::to_owned)
+}
+
+/// The event filter: `auth.events` (string or list) first, then the `events` query
+/// parameter. Dotted or UPPER_SNAKE names are accepted; anything else is refused.
+fn parse_filter(parts: &http::request::Parts, payload: Option<&Value>) -> Result<Vec<String>, ConnectError> {
+    let names: Vec<String> = match payload.and_then(|p| p.get("events")) {
+        Some(Value::String(text)) => text.split(',').map(str::to_owned).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned).ok_or_else(|| ConnectError::BadFilter(item.to_string())))
+            .collect::<Result<_, _>>()?,
+        Some(Value::Null) | None => auth::query_param(parts.uri.query().unwrap_or(""), "events")
+            .map(|text| text.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        Some(other) => return Err(ConnectError::BadFilter(other.to_string())),
+    };
+    let mut filter = Vec::new();
+    for name in names {
+        let name = name.trim();
+        if name.is_empty() {
+            continue;
+        }
+        let upper = envelope::upper_snake(name);
+        if !envelope::is_filter_name(&upper) {
+            return Err(ConnectError::BadFilter(name.to_owned()));
+        }
+        if !filter.contains(&upper) {
+            filter.push(upper);
+        }
+    }
+    Ok(filter)
+}
+
+/// How long shutdown waits for socket.io to close its sockets.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,0 +1,32 @@
+//! evo-realtime: realtime Socket.IO for Evolution API, as a sidecar.
+//!
+//! ```text
+//! Evolution API --POST--> webhook (auth, parse) --Envelope--> hub --> sockets
+//! sockets --emit--> hub --> upstream (route table) --> Evolution REST --> ack
+//! other HTTP --> proxy --> Evolution API
+//! ```
+//!
+//! # Layout
+//! - [`config`]: layered settings (defaults < TOML < env < flags) and every `ENV_*` name.
+//! - [`envelope`]: the event, its three name forms, and the byte-exact emitted payload.
+//! - [`webhook`]: the ingest endpoint: credentials, limits, statuses.
+//! - [`hub`]: socket.io namespaces, namespace permission, filters, publish.
+//! - [`auth`]: API key → principal, cached upstream lookup, handshake check.
+//! - [`upstream`]: client emits → Evolution REST, with acks.
+//! - [`proxy`]: everything else, streamed to Evolution API.
+//! - [`telemetry`]: logs and health.
+//! - [`app`]: the router, its layer order, and graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod envelope;
+pub mod hub;
+pub mod proxy;
+pub mod telemetry;
+pub mod upstream;
+pub mod webhook;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,294 @@
+//! Webhooks in, socket.io events out, as seen by the official socket.io-client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const FIXTURES: [&str; 6] = [
+    "messages-upsert.json",
+    "connection-update.json",
+    "qrcode-updated.json",
+    "presence-update.json",
+    "send-message.json",
+    "messages-update.json",
+];
+
+#[tokio::test]
+async fn every_fixture_arrives_as_evolution_emits_it_on_both_transports() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    let ns = app.url("/acme-support");
+    for (id, transport) in [("ws", "websocket"), ("poll", "polling")] {
+        let report = js.connect(id, &ns, with_key(transport, GLOBAL_KEY)).await;
+        assert_eq!(report["type"], "connect", "{report}");
+    }
+
+    for name in FIXTURES {
+        let path = fixtures_dir().join(name);
+        let expected = format!("[{}]", js.expected(&path).await);
+        let body = std::fs::read(&path).unwrap();
+        let event: Value = serde_json::from_slice(&body).unwrap();
+        let (status, reply) = post_webhook(&app.webhook_url(), body).await;
+        assert_eq!((status, reply), (200, json!({"ok": true})), "{name}");
+        for id in ["ws", "poll"] {
+            let (got_event, text) = js.next_event(id).await;
+            assert_eq!(got_event, event["event"].as_str().unwrap(), "{name} on {id}");
+            assert_eq!(text, expected, "{name} on {id}: key order and values must match");
+        }
+    }
+    js.shutdown().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_namespace_works_before_its_first_event_and_other_instances_stay_apart() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    js.connect("a", &app.url("/brand-new"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect("b", &app.url("/elsewhere"), with_key("websocket", GLOBAL_KEY)).await;
+
+    let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "brand-new", 1)).await;
+    assert_eq!(status, 200);
+    let (event, text) = js.next_event("a").await;
+    assert_eq!(event, "call");
+    assert!(text.contains(r#""instance":"brand-new""#));
+    js.assert_no_event("b", Duration::from_millis(300)).await;
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn global_events_reach_the_root_namespace_only_when_enabled() {
+    let evolution = FakeEvolution::start().await;
+    for global in [true, false] {
+        let mut config = test_config(&evolution.url());
+        config.hub.global_events = global;
+        let app = spawn_app(config).await;
+        let mut js = JsDriver::start().await;
+        let report = js.connect("root", &app.url("/"), with_key("websocket", GLOBAL_KEY)).await;
+        assert_eq!(report["type"], "connect");
+        let body = fixture("connection-update.json");
+        assert_eq!(post_webhook(&app.webhook_url(), body).await.0, 200);
+        if global {
+            let (event, text) = js.next_event("root").await;
+            assert_eq!(event, "connection.update");
+            assert!(text.starts_with(r#"[{"event":"connection.update","instance":"acme-support""#));
+        } else {
+            js.assert_no_event("root", Duration::from_millis(400)).await;
+        }
+        js.shutdown().await;
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn by_events_urls_with_and_without_path_token() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.path_token = Some(evolution_realtime_secret("pathtok"));
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+
+    let body = || event_body("messages.upsert", "acme", 7);
+    let base = app.webhook_url();
+    // With the token (Evolution's global webhook), with and without a by-events suffix,
+    // and with the doubled slash a trailing '/' in WEBHOOK_GLOBAL_URL produces.
+    for url in [
+        format!("{base}/pathtok"),
+        format!("{base}/pathtok/messages-upsert"),
+        format!("{base}/pathtok//messages-upsert"),
+        format!("{base}//pathtok/messages-upsert"),
+    ] {
+        let (status, reply) = post_webhook(&url, body()).await;
+        assert_eq!(status, 200, "{url}: {reply}");
+        let (event, _) = js.next_event("c").await;
+        assert_eq!(event, "messages.upsert");
+    }
+    // A suffix that disagrees with the body's event.
+    let (status, reply) = post_webhook(&format!("{base}/pathtok/messages-update"), body()).await;
+    assert_eq!(status, 422);
+    assert!(reply["error"].as_str().unwrap().contains("messages-upsert"), "{reply}");
+    // Without the token, no credential: refused.
+    let (status, _) = post_webhook(&format!("{base}/messages-upsert"), body()).await;
+    assert_eq!(status, 401);
+    js.assert_no_event("c", Duration::from_millis(300)).await;
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn by_events_urls_without_credentials() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    let base = app.webhook_url();
+    for (url, event) in [
+        (format!("{base}/group-participants-update"), "group-participants.update"),
+        (format!("{base}//connection-update"), "connection.update"),
+        (format!("{base}/"), "call"),
+    ] {
+        let (status, reply) = post_webhook(&url, event_body(event, "acme", 1)).await;
+        assert_eq!(status, 200, "{url}: {reply}");
+        assert_eq!(js.next_event("c").await.0, event);
+    }
+    js.shutdown().await;
+}
+
+fn evolution_realtime_secret(value: &str) -> evo_realtime::config::Secret {
+    evo_realtime::config::Secret::new(value)
+}
+
+#[tokio::test]
+async fn sidecar_events_limits_what_is_emitted() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.hub.events = vec!["CONNECTION_UPDATE".into()];
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    for event in ["messages.upsert", "connection.update", "call"] {
+        let (status, _) = post_webhook(&app.webhook_url(), event_body(event, "acme", 1)).await;
+        assert_eq!(status, 200, "a filtered event is still accepted");
+    }
+    assert_eq!(js.next_event("c").await.0, "connection.update");
+    js.assert_no_event("c", Duration::from_millis(300)).await;
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_client_filters_from_query_or_auth() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    let ns = app.url("/acme");
+    js.connect(
+        "query",
+        &ns,
+        json!({"transports": ["websocket"], "query": {"apikey": GLOBAL_KEY, "events": "MESSAGES_UPSERT"}}),
+    )
+    .await;
+    js.connect(
+        "auth",
+        &ns,
+        json!({"transports": ["polling"], "auth": {"apikey": GLOBAL_KEY, "events": ["connection.update", "CALL"]}}),
+    )
+    .await;
+    js.connect("all", &ns, with_key("websocket", GLOBAL_KEY)).await;
+    let bad = js
+        .connect(
+            "bad",
+            &ns,
+            json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY, "events": "E:*,x y"}}),
+        )
+        .await;
+    assert_eq!(bad["type"], "connect_error", "a crafted filter is refused: {bad}");
+
+    for (n, event) in ["messages.upsert", "connection.update", "call", "presence.update"].iter().enumerate() {
+        post_webhook(&app.webhook_url(), event_body(event, "acme", n as u64)).await;
+    }
+    assert_eq!(js.next_event("query").await.0, "messages.upsert");
+    assert_eq!(js.next_event("auth").await.0, "connection.update");
+    assert_eq!(js.next_event("auth").await.0, "call");
+    for event in ["messages.upsert", "connection.update", "call", "presence.update"] {
+        assert_eq!(js.next_event("all").await.0, event, "order is kept");
+    }
+    js.assert_no_event("query", Duration::from_millis(200)).await;
+    js.assert_no_event("auth", Duration::from_millis(100)).await;
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_first_connections_to_a_new_namespace_all_receive() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    let ns = app.url("/race");
+    let clients: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    for id in &clients {
+        js.open(id, &ns, with_key("websocket", GLOBAL_KEY)).await;
+    }
+    for id in &clients {
+        assert_eq!(js.wait_connected(id).await["type"], "connect");
+    }
+    post_webhook(&app.webhook_url(), event_body("call", "race", 1)).await;
+    for id in &clients {
+        assert_eq!(js.next_event(id).await.0, "call", "{id}");
+    }
+    js.shutdown().await;
+}
+
+/// One table: each bad request gets exactly this status and a JSON error, and nothing is emitted.
+#[tokio::test]
+async fn bad_input_table() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.max_body_bytes = 65536;
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect("watch", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+
+    let url = app.webhook_url();
+    let deep = format!("{{\"event\":\"call\",\"instance\":\"acme\",\"data\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    let big = event_body("call", "acme", 1).replace("\"n\":1", &format!("\"n\":\"{}\"", "x".repeat(70_000)));
+    let cases: Vec<(&str, String, Vec<u8>, &str, u16, &str)> = vec![
+        // (what, url, body, content-type, status, error contains)
+        ("invalid utf-8", url.clone(), b"{\"event\":\"\xff\"}".to_vec(), "application/json", 400, "UTF-8"),
+        ("truncated json", url.clone(), br#"{"event":"call","instance":"ac"#.to_vec(), "application/json", 400, "invalid JSON"),
+        ("nested 10000 deep", url.clone(), deep.into_bytes(), "application/json", 400, "invalid JSON"),
+        ("duplicate event", url.clone(), br#"{"event":"call","event":"x","instance":"acme"}"#.to_vec(), "application/json", 400, "more than once"),
+        ("duplicate instance", url.clone(), br#"{"event":"call","instance":"acme","instance":"b"}"#.to_vec(), "application/json", 400, "more than once"),
+        ("array body", url.clone(), b"[1,2]".to_vec(), "application/json", 400, "invalid JSON"),
+        ("string body", url.clone(), br#""hello""#.to_vec(), "application/json", 400, "invalid JSON"),
+        ("event not a string", url.clone(), br#"{"event":1,"instance":"acme"}"#.to_vec(), "application/json", 422, "`event` must be a string"),
+        ("instance not a string", url.clone(), br#"{"event":"call","instance":{}}"#.to_vec(), "application/json", 422, "`instance` must be a string"),
+        ("event missing", url.clone(), br#"{"instance":"acme"}"#.to_vec(), "application/json", 422, "`event` is missing"),
+        ("instance missing", url.clone(), br#"{"event":"call"}"#.to_vec(), "application/json", 422, "`instance` is missing"),
+        ("instance with /", url.clone(), br#"{"event":"call","instance":"a/b"}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance with \\", url.clone(), br#"{"event":"call","instance":"a\\b"}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance with %", url.clone(), br#"{"event":"call","instance":"a%2F"}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance with control", url.clone(), br#"{"event":"call","instance":"a\u0007"}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance .", url.clone(), br#"{"event":"call","instance":"."}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance ..", url.clone(), br#"{"event":"call","instance":".."}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance empty", url.clone(), br#"{"event":"call","instance":""}"#.to_vec(), "application/json", 422, "instance name"),
+        ("instance 129 bytes", url.clone(), format!(r#"{{"event":"call","instance":"{}"}}"#, "x".repeat(129)).into_bytes(), "application/json", 422, "instance name"),
+        ("suffix disagrees", format!("{url}/messages-upsert"), event_body("call", "acme", 1).into_bytes(), "application/json", 422, "does not match"),
+        ("too large", url.clone(), big.into_bytes(), "application/json", 413, "larger than 65536"),
+        ("not json content-type", url.clone(), event_body("call", "acme", 1).into_bytes(), "text/plain", 415, "application/json"),
+        ("path too deep", format!("{url}/a/b/c"), event_body("call", "acme", 1).into_bytes(), "application/json", 404, "no such webhook path"),
+    ];
+    for (what, url, body, content_type, status, error) in cases {
+        let response = http()
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{what}");
+        let reply: Value = response.json().await.unwrap_or(Value::Null);
+        let message = reply["error"].as_str().unwrap_or_else(|| panic!("{what}: no JSON error: {reply}"));
+        assert!(message.contains(error), "{what}: {message:?} lacks {error:?}");
+    }
+
+    // Too large, chunked (no Content-Length): still 413.
+    let chunks = futures_util::stream::iter((0..80).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let response = http()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413, "chunked too large");
+
+    js.assert_no_event("watch", Duration::from_millis(300)).await;
+    // Still healthy: a good webhook goes through.
+    assert_eq!(post_webhook(&url, event_body("call", "acme", 2)).await.0, 200);
+    assert_eq!(js.next_event("watch").await.0, "call");
+    js.shutdown().await;
+}
