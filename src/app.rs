@@ -43,10 +43,17 @@ impl App {
     pub fn build(config: &Config) -> Result<Self, config::Error> {
         config.validate()?;
         let draining = Arc::new(AtomicBool::new(false));
-        let auth = Arc::new(Authenticator::new(&config.auth, config.upstream.base_url())?);
+        let auth = Arc::new(Authenticator::new(
+            &config.auth,
+            config.upstream.base_url(),
+        )?);
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
         let (socketio_layer, hub) = Hub::build(&config.hub, auth.clone(), upstream)?;
-        let webhook = Arc::new(Webhook::new(&config.webhook, hub.clone(), draining.clone())?);
+        let webhook = Arc::new(Webhook::new(
+            &config.webhook,
+            hub.clone(),
+            draining.clone(),
+        )?);
         let proxy = Arc::new(Proxy::new(&config.upstream)?);
         let health = Arc::new(Health::new(config.upstream.base_url(), draining.clone())?);
 
@@ -54,7 +61,10 @@ impl App {
         // socket.io layer does not claim ends in a 404.
         let socketio = ServiceBuilder::new()
             .layer(cors(&config.hub))
-            .layer(axum::middleware::from_fn_with_state(auth, auth::check_handshake))
+            .layer(axum::middleware::from_fn_with_state(
+                auth,
+                auth::check_handshake,
+            ))
             .layer(socketio_layer)
             .service(tower::service_fn(|_request| async {
                 Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response())
@@ -114,7 +124,10 @@ impl App {
             draining.store(true, Ordering::SeqCst);
             tracing::info!("shutting down: draining");
             let _ = started_tx.send(());
-            if tokio::time::timeout(hub::CLOSE_TIMEOUT, hub.close()).await.is_err() {
+            if tokio::time::timeout(hub::CLOSE_TIMEOUT, hub.close())
+                .await
+                .is_err()
+            {
                 tracing::warn!("socket.io did not close all sockets in time");
             }
         };

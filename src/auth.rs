@@ -137,7 +137,10 @@ impl Authenticator {
             .map_err(|err| crate::config::Error::new(format!("http client: {err}")))?;
         Ok(Self {
             // An empty global key never matches.
-            global: config.api_key.clone().filter(|key| !key.expose().is_empty()),
+            global: config
+                .api_key
+                .clone()
+                .filter(|key| !key.expose().is_empty()),
             http,
             lookup_url: format!(
                 "{}/instance/fetchInstances",
@@ -164,11 +167,7 @@ impl Authenticator {
             return Ok(Principal::Global);
         }
         let entry = self.entry(key);
-        entry
-            .answer
-            .get_or_init(|| self.lookup(key))
-            .await
-            .clone()
+        entry.answer.get_or_init(|| self.lookup(key)).await.clone()
     }
 
     fn entry(&self, key: &str) -> Arc<CacheEntry> {
@@ -329,7 +328,10 @@ mod tests {
 
     #[test]
     fn query_params_are_decoded() {
-        assert_eq!(query_param("a=1&apikey=x%2By", "apikey").as_deref(), Some("x+y"));
+        assert_eq!(
+            query_param("a=1&apikey=x%2By", "apikey").as_deref(),
+            Some("x+y")
+        );
         assert_eq!(query_param("apikey", "apikey").as_deref(), Some(""));
         assert_eq!(query_param("EIO=4&transport=polling", "sid"), None);
     }

@@ -372,7 +372,9 @@ pub mod comma_list {
         List(Vec<String>),
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<String>, D::Error> {
         let items = match Either::deserialize(deserializer)? {
             Either::Text(text) => text.split(',').map(str::to_owned).collect(),
             Either::List(list) => list,

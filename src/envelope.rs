@@ -299,7 +299,9 @@ fn unique_string_field(entries: &Entries<'_>, key: &str) -> Result<String, Error
         .ok_or_else(|| Error::Semantic(format!("field `{key}` is missing")))?;
     if found.next().is_some() {
         // Two `event` keys would let a reader pick either one: refuse to guess.
-        return Err(Error::Syntax(format!("field `{key}` appears more than once")));
+        return Err(Error::Syntax(format!(
+            "field `{key}` appears more than once"
+        )));
     }
     serde_json::from_str::<String>(value.get())
         .map_err(|_| Error::Semantic(format!("field `{key}` must be a string")))
@@ -308,7 +310,10 @@ fn unique_string_field(entries: &Entries<'_>, key: &str) -> Result<String, Error
 /// Builds the emitted argument: unknown keys before `event` first, then the known keys
 /// in Evolution's emit order, then the other unknown keys; `destination` dropped.
 fn reorder(entries: &Entries<'_>) -> Arc<RawValue> {
-    let capacity: usize = entries.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum();
+    let capacity: usize = entries
+        .iter()
+        .map(|(k, v)| k.len() + v.get().len() + 4)
+        .sum();
     let mut out = String::with_capacity(capacity + 2);
     out.push('{');
     let mut first = true;
@@ -323,10 +328,7 @@ fn reorder(entries: &Entries<'_>) -> Arc<RawValue> {
         out.push_str(value.get());
     };
     let is_known = |key: &str| EMIT_ORDER.contains(&key) || key == DROPPED_KEY;
-    let event_position = entries
-        .iter()
-        .position(|(k, _)| k == "event")
-        .unwrap_or(0);
+    let event_position = entries.iter().position(|(k, _)| k == "event").unwrap_or(0);
 
     for (key, value) in &entries[..event_position] {
         if !is_known(key) {

@@ -27,7 +27,7 @@ use socketioxide::{SocketIo, TransportType};
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{self, Secret, comma_list};
 use crate::envelope::{self, Envelope, InstanceName};
-use crate::upstream::{AckReply, Upstream};
+use crate::upstream::Upstream;
 
 /// Settings of the socket.io side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,17 +194,20 @@ impl Hub {
     async fn emit_to(&self, namespace: &str, rooms: &[String; 2], envelope: &Envelope) {
         let event = envelope.event.as_str();
         let payload: &serde_json::value::RawValue = &envelope.payload;
-        if let Some(operators) = self.io.of(namespace) {
-            if let Err(err) = operators.to(rooms.clone()).emit(event, payload).await {
-                tracing::warn!(ns = namespace, event, error = %err, "some sockets missed an event");
-            }
+        if let Some(operators) = self.io.of(namespace)
+            && let Err(err) = operators.to(rooms.clone()).emit(event, payload).await
+        {
+            tracing::warn!(ns = namespace, event, error = %err, "some sockets missed an event");
         }
         let strays: Vec<SocketRef> = {
             let strays = self.shared.strays.lock().unwrap_or_else(|e| e.into_inner());
             strays.get(namespace).cloned().unwrap_or_default()
         };
         for socket in strays {
-            let member = socket.rooms().iter().any(|room| rooms.iter().any(|r| r == room));
+            let member = socket
+                .rooms()
+                .iter()
+                .any(|room| rooms.iter().any(|r| r == room));
             if member && let Err(err) = socket.emit(event, payload) {
                 tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
             }
@@ -218,7 +221,11 @@ impl Hub {
 
     /// Connected sockets on this node, across namespaces.
     pub fn socket_count(&self) -> usize {
-        self.io.nsps().into_iter().map(|ns| ns.sockets().len()).sum()
+        self.io
+            .nsps()
+            .into_iter()
+            .map(|ns| ns.sockets().len())
+            .sum()
     }
 }
 
@@ -279,7 +286,13 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
     if session.filter.is_empty() {
         socket.join(ALL_ROOM);
     } else {
-        socket.join(session.filter.iter().map(|e| event_room(e)).collect::<Vec<_>>());
+        socket.join(
+            session
+                .filter
+                .iter()
+                .map(|e| event_room(e))
+                .collect::<Vec<_>>(),
+        );
     }
     tracing::debug!(
         sid = %socket.id,
@@ -296,14 +309,21 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
     if !registered {
         tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: delivering to this socket directly");
         let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
-        strays.entry(socket.ns().to_owned()).or_default().push(socket.clone());
+        strays
+            .entry(socket.ns().to_owned())
+            .or_default()
+            .push(socket.clone());
     }
 
     socket.on_fallback(on_emit);
     socket.on_disconnect(on_disconnect);
 }
 
-async fn on_disconnect(socket: SocketRef, reason: DisconnectReason, State(shared): State<Arc<Shared>>) {
+async fn on_disconnect(
+    socket: SocketRef,
+    reason: DisconnectReason,
+    State(shared): State<Arc<Shared>>,
+) {
     tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
     let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(list) = strays.get_mut(socket.ns()) {
@@ -325,10 +345,9 @@ async fn on_emit(
     let Some(session) = socket.extensions.get::<Session>() else {
         return;
     };
-    let reply = match argument {
-        Ok(argument) => shared.upstream.forward(&session, &event, argument).await,
-        Err(_) => AckReply::error(400, "argument must be a JSON object"),
-    };
+    // No argument at all (allowed for GET routes) reads as null.
+    let argument = argument.unwrap_or(Value::Null);
+    let reply = shared.upstream.forward(&session, &event, argument).await;
     if let Err(err) = ack.send(&reply) {
         tracing::debug!(sid = %socket.id, error = %err, "ack not delivered");
     }
@@ -340,12 +359,19 @@ fn string_field(payload: Option<&Value>, name: &str) -> Option<String> {
 
 /// The event filter: `auth.events` (string or list) first, then the `events` query
 /// parameter. Dotted or UPPER_SNAKE names are accepted; anything else is refused.
-fn parse_filter(parts: &http::request::Parts, payload: Option<&Value>) -> Result<Vec<String>, ConnectError> {
+fn parse_filter(
+    parts: &http::request::Parts,
+    payload: Option<&Value>,
+) -> Result<Vec<String>, ConnectError> {
     let names: Vec<String> = match payload.and_then(|p| p.get("events")) {
         Some(Value::String(text)) => text.split(',').map(str::to_owned).collect(),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|item| item.as_str().map(str::to_owned).ok_or_else(|| ConnectError::BadFilter(item.to_string())))
+            .map(|item| {
+                item.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ConnectError::BadFilter(item.to_string()))
+            })
             .collect::<Result<_, _>>()?,
         Some(Value::Null) | None => auth::query_param(parts.uri.query().unwrap_or(""), "events")
             .map(|text| text.split(',').map(str::to_owned).collect())

@@ -49,7 +49,11 @@ impl IntoResponse for Error {
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::BadTarget => StatusCode::BAD_REQUEST,
         };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -158,10 +162,10 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Resul
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    if let Some(host) = original_host {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", host);
-        }
+    if let Some(host) = original_host
+        && !headers.contains_key("x-forwarded-host")
+    {
+        headers.insert("x-forwarded-host", host);
     }
     // The upstream sees its own authority as Host, as behind any reverse proxy.
     if let Ok(host) = HeaderValue::from_str(proxy.authority.as_str()) {

@@ -28,7 +28,9 @@ pub fn init_tracing(format: LogFormat, rust_log: Option<&str>) {
     let filter = rust_log
         .and_then(|value| EnvFilter::try_new(value).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -51,7 +53,10 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(upstream_url: &str, draining: Arc<AtomicBool>) -> Result<Self, crate::config::Error> {
+    pub fn new(
+        upstream_url: &str,
+        draining: Arc<AtomicBool>,
+    ) -> Result<Self, crate::config::Error> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(READY_TIMEOUT)

@@ -71,7 +71,11 @@ impl Config {
             ));
         }
         if uri.query().is_some() {
-            return Err(config::invalid("upstream.url", &self.url, "must have no query"));
+            return Err(config::invalid(
+                "upstream.url",
+                &self.url,
+                "must have no query",
+            ));
         }
         if self.timeout_secs == 0 || self.connect_timeout_secs == 0 {
             return Err(config::invalid(
@@ -81,11 +85,18 @@ impl Config {
             ));
         }
         if self.max_in_flight == 0 {
-            return Err(config::invalid("upstream.max_in_flight", &0, "must be positive"));
+            return Err(config::invalid(
+                "upstream.max_in_flight",
+                &0,
+                "must be positive",
+            ));
         }
         for (event, spec) in &self.routes {
-            spec.validate()
-                .map_err(|why| config::Error::new(format!("route {event:?} in [upstream.routes] is not valid: {why}")))?;
+            spec.validate().map_err(|why| {
+                config::Error::new(format!(
+                    "route {event:?} in [upstream.routes] is not valid: {why}"
+                ))
+            })?;
         }
         Ok(())
     }
@@ -108,7 +119,10 @@ impl RouteSpec {
     fn validate(&self) -> Result<(), String> {
         let method = self.method.to_ascii_uppercase();
         if !matches!(method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {
-            return Err(format!("method {:?} is not GET, POST, PUT, PATCH or DELETE", self.method));
+            return Err(format!(
+                "method {:?} is not GET, POST, PUT, PATCH or DELETE",
+                self.method
+            ));
         }
         if !self.path.starts_with('/') || self.path.matches("{instance}").count() != 1 {
             return Err(format!(
@@ -170,7 +184,11 @@ impl Route {
 }
 
 /// Everything but RFC 3986 unreserved characters is encoded in a path segment.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Event name → route.
 #[derive(Debug, Clone)]
@@ -189,7 +207,11 @@ impl RouteTable {
             })
             .collect();
         for (event, spec) in overrides {
-            let method = spec.method.to_ascii_uppercase().parse().unwrap_or(http::Method::POST);
+            let method = spec
+                .method
+                .to_ascii_uppercase()
+                .parse()
+                .unwrap_or(http::Method::POST);
             routes.insert(
                 event.clone(),
                 Route {
@@ -202,7 +224,11 @@ impl RouteTable {
     }
 
     pub fn get(&self, event: &str) -> Option<&Route> {
-        let event = if event == SEND_MESSAGE_ALIAS { "message/sendText" } else { event };
+        let event = if event == SEND_MESSAGE_ALIAS {
+            "message/sendText"
+        } else {
+            event
+        };
         self.0.get(event)
     }
 }
@@ -287,7 +313,13 @@ impl Upstream {
         };
 
         let Some(_permit) = InFlight::acquire(session, self.max_in_flight) else {
-            return AckReply::error(429, format!("more than {} calls in flight on this socket", self.max_in_flight));
+            return AckReply::error(
+                429,
+                format!(
+                    "more than {} calls in flight on this socket",
+                    self.max_in_flight
+                ),
+            );
         };
         let Some(request_id) = request_id else {
             return self.call(route, instance, session, fields).await;
@@ -324,7 +356,13 @@ impl Upstream {
         entry
     }
 
-    async fn call(&self, route: &Route, instance: &InstanceName, session: &Session, fields: Map<String, Value>) -> AckReply {
+    async fn call(
+        &self,
+        route: &Route,
+        instance: &InstanceName,
+        session: &Session,
+        fields: Map<String, Value>,
+    ) -> AckReply {
         let url = format!("{}{}", self.base_url, route.path_for(instance));
         let mut request = self
             .http
@@ -398,7 +436,9 @@ impl InFlight {
     fn acquire(session: &Session, max: usize) -> Option<Self> {
         let counter = session.in_flight.clone();
         counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| Self(counter))
     }
@@ -422,8 +462,14 @@ mod tests {
         assert_eq!(send.method, http::Method::POST);
         assert_eq!(send.path_for(&acme), "/message/sendText/acme%20support");
         assert_eq!(table.get("send_message"), Some(send));
-        assert_eq!(table.get("chat/deleteMessageForEveryone").unwrap().method, http::Method::DELETE);
-        assert_eq!(table.get("group/fetchAllGroups").unwrap().method, http::Method::GET);
+        assert_eq!(
+            table.get("chat/deleteMessageForEveryone").unwrap().method,
+            http::Method::DELETE
+        );
+        assert_eq!(
+            table.get("group/fetchAllGroups").unwrap().method,
+            http::Method::GET
+        );
         assert!(table.get("instance/delete").is_none());
     }
 

@@ -201,7 +201,11 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
         tracing::debug!(status = status.as_u16(), error = %self, "webhook refused");
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -215,7 +219,11 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(config: &Config, hub: Hub, draining: Arc<AtomicBool>) -> Result<Self, config::Error> {
+    pub fn new(
+        config: &Config,
+        hub: Hub,
+        draining: Arc<AtomicBool>,
+    ) -> Result<Self, config::Error> {
         config.validate()?;
         let jwt = config.jwt_secret.as_ref().map(|secret| {
             let key = jsonwebtoken::DecodingKey::from_secret(secret.expose().as_bytes());
@@ -246,7 +254,10 @@ impl Webhook {
 }
 
 /// `POST {path}[/{token}][/{suffix}]`: accept one event.
-pub async fn ingest(State(webhook): State<Arc<Webhook>>, request: Request) -> Result<Response, Error> {
+pub async fn ingest(
+    State(webhook): State<Arc<Webhook>>,
+    request: Request,
+) -> Result<Response, Error> {
     // Stage 1: while draining, Evolution must retry elsewhere.
     if webhook.draining.load(Ordering::Relaxed) {
         return Err(Error::Draining);
@@ -305,14 +316,17 @@ struct WebhookPath {
 
 impl WebhookPath {
     fn parse(config: &Config, path: &str) -> Result<Self, Error> {
-        let rest = path.strip_prefix(config.path.as_str()).ok_or(Error::NotFound)?;
+        let rest = path
+            .strip_prefix(config.path.as_str())
+            .ok_or(Error::NotFound)?;
         if !(rest.is_empty() || rest.starts_with('/')) {
             return Err(Error::NotFound);
         }
         // A URL configured with a trailing '/' gives `//suffix`: empty segments are ignored.
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let token = config.path_token.as_ref().map(|t| t.expose().as_bytes());
-        let is_token = |segment: &str| token.is_some_and(|t| bool::from(t.ct_eq(segment.as_bytes())));
+        let is_token =
+            |segment: &str| token.is_some_and(|t| bool::from(t.ct_eq(segment.as_bytes())));
         match segments.as_slice() {
             [] => Ok(Self {
                 token_matched: false,
@@ -395,7 +409,9 @@ fn authenticate(
     {
         return verify_jwt(token, key, validation);
     }
-    Err(Error::Unauthorized("missing or invalid webhook credentials"))
+    Err(Error::Unauthorized(
+        "missing or invalid webhook credentials",
+    ))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -7,7 +7,11 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn load(file: Option<&str>, vars: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Config, Error> {
+fn load(
+    file: Option<&str>,
+    vars: &[(&str, &str)],
+    flags: &[(&'static str, &str)],
+) -> Result<Config, Error> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sidecar.toml");
     if let Some(text) = file {
@@ -58,7 +62,10 @@ fn precedence_flags_over_env_over_file_over_defaults() {
     .unwrap();
     assert_eq!(config.listen.to_string(), "127.0.0.1:3000", "flag wins");
     assert_eq!(config.upstream.url, "http://env:2", "env beats file");
-    assert_eq!(config.hub.events, vec!["MESSAGES_UPSERT", "CONNECTION_UPDATE"]);
+    assert_eq!(
+        config.hub.events,
+        vec!["MESSAGES_UPSERT", "CONNECTION_UPDATE"]
+    );
     assert!(config.hub.global_events, "file beats default");
     assert_eq!(config.webhook.jwt_leeway_secs, 5);
 }
@@ -88,17 +95,29 @@ fn env_values_are_read_leniently() {
 fn bad_values_name_the_variable() {
     let message = |vars: &[(&str, &str)]| load(None, vars, &[]).unwrap_err().to_string();
     let text = message(&[("SIDECAR_LISTEN", "nowhere")]);
-    assert!(text.starts_with("SIDECAR_LISTEN=\"nowhere\" is not valid"), "{text}");
+    assert!(
+        text.starts_with("SIDECAR_LISTEN=\"nowhere\" is not valid"),
+        "{text}"
+    );
     let text = message(&[("SIDECAR_TOKEN_CACHE_TTL_SECS", "soon")]);
-    assert!(text.starts_with("SIDECAR_TOKEN_CACHE_TTL_SECS=\"soon\" is not valid"), "{text}");
+    assert!(
+        text.starts_with("SIDECAR_TOKEN_CACHE_TTL_SECS=\"soon\" is not valid"),
+        "{text}"
+    );
     let text = message(&[("SIDECAR_UPSTREAM_URL", "ftp://x")]);
-    assert!(text.starts_with("SIDECAR_UPSTREAM_URL=\"ftp://x\" is not valid"), "{text}");
+    assert!(
+        text.starts_with("SIDECAR_UPSTREAM_URL=\"ftp://x\" is not valid"),
+        "{text}"
+    );
     let text = message(&[("SIDECAR_EVENTS", "messages.upsert")]);
     assert!(text.starts_with("SIDECAR_EVENTS="), "{text}");
     let text = message(&[("SIDECAR_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/99")]);
     assert!(text.starts_with("SIDECAR_WEBHOOK_ALLOWED_CIDRS="), "{text}");
     let text = message(&[("WEBSOCKET_GLOBAL_EVENTS", "maybe")]);
-    assert!(text.starts_with("WEBSOCKET_GLOBAL_EVENTS=\"maybe\" is not valid"), "{text}");
+    assert!(
+        text.starts_with("WEBSOCKET_GLOBAL_EVENTS=\"maybe\" is not valid"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -113,12 +132,18 @@ fn file_errors_name_the_key_and_unknown_keys_are_refused() {
 fn secrets_are_masked() {
     let config = load(
         None,
-        &[("AUTHENTICATION_API_KEY", "topsecret"), ("SIDECAR_WEBHOOK_SECRET", "hush")],
+        &[
+            ("AUTHENTICATION_API_KEY", "topsecret"),
+            ("SIDECAR_WEBHOOK_SECRET", "hush"),
+        ],
         &[],
     )
     .unwrap();
     let printed = format!("{config:?}\n{}", config.to_masked_toml());
-    assert!(!printed.contains("topsecret") && !printed.contains("hush"), "{printed}");
+    assert!(
+        !printed.contains("topsecret") && !printed.contains("hush"),
+        "{printed}"
+    );
     assert!(printed.contains("***"));
 }
 
@@ -128,8 +153,16 @@ fn every_variable_is_documented() {
     let example = include_str!("../../config.example.toml");
     for var in ENV_VARS {
         assert!(readme.contains(var.name), "README.md lacks {}", var.name);
-        assert!(example.contains(var.name), "config.example.toml lacks {}", var.name);
+        assert!(
+            example.contains(var.name),
+            "config.example.toml lacks {}",
+            var.name
+        );
         let leaf = var.key.rsplit('.').next().unwrap_or(var.key);
-        assert!(example.contains(&format!("{leaf} =")), "config.example.toml lacks key {}", var.key);
+        assert!(
+            example.contains(&format!("{leaf} =")),
+            "config.example.toml lacks key {}",
+            var.key
+        );
     }
 }

@@ -24,7 +24,15 @@ fn name_forms() {
 
 #[test]
 fn event_name_rule() {
-    for bad in ["", "connect", "disconnect", "a b", "a/b", "é", &"x".repeat(65)] {
+    for bad in [
+        "",
+        "connect",
+        "disconnect",
+        "a b",
+        "a/b",
+        "é",
+        &"x".repeat(65),
+    ] {
         assert!(EventName::parse(bad).is_err(), "{bad:?}");
     }
     assert!(is_filter_name("MESSAGES_UPSERT"));
@@ -34,10 +42,27 @@ fn event_name_rule() {
 
 #[test]
 fn instance_name_rule() {
-    for good in ["acme", "acme-support", "Acme Support 2", "ação", "a.b", &"x".repeat(128)] {
+    for good in [
+        "acme",
+        "acme-support",
+        "Acme Support 2",
+        "ação",
+        "a.b",
+        &"x".repeat(128),
+    ] {
         assert!(InstanceName::parse(good).is_ok(), "{good:?}");
     }
-    for bad in ["", ".", "..", "a/b", "a\\b", "a%2F", "a\nb", "a\u{7f}", &"x".repeat(129)] {
+    for bad in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "a\\b",
+        "a%2F",
+        "a\nb",
+        "a\u{7f}",
+        &"x".repeat(129),
+    ] {
         assert!(InstanceName::parse(bad).is_err(), "{bad:?}");
     }
     assert_eq!(
@@ -88,12 +113,7 @@ fn rejects_bad_bodies() {
             String::from_utf8_lossy(body)
         )
     };
-    let semantic = |body: &str| {
-        assert!(
-            matches!(parse(body), Err(Error::Semantic(_))),
-            "{body}"
-        )
-    };
+    let semantic = |body: &str| assert!(matches!(parse(body), Err(Error::Semantic(_))), "{body}");
     syntax(b"\xff\xfe");
     syntax(br#"{"event":"call","#);
     syntax(b"[1,2]");

@@ -188,7 +188,11 @@ impl FakeEvolution {
         let handle = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Self { addr, state, handle }
+        Self {
+            addr,
+            state,
+            handle,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -220,7 +224,10 @@ async fn fetch_instances(State(state): State<Arc<FakeState>>, headers: HeaderMap
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let key = headers.get("apikey").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let key = headers
+        .get("apikey")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let owned = state.tokens.lock().unwrap().get(key).cloned();
     match owned {
         Some(names) => {
@@ -241,7 +248,9 @@ async fn fetch_instances(State(state): State<Arc<FakeState>>, headers: HeaderMap
 /// Records any other call and answers like Evolution would, echoing what it got.
 async fn record(State(state): State<Arc<FakeState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let recorded = Recorded {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
@@ -266,7 +275,11 @@ async fn record(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     if parts.uri.path() == "/text" {
         return (StatusCode::OK, "plain text answer").into_response();
     }
-    let status = if parts.method == http::Method::POST { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if parts.method == http::Method::POST {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let mut response = (
         status,
         axum::Json(json!({
@@ -278,7 +291,9 @@ async fn record(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         })),
     )
         .into_response();
-    response.headers_mut().insert("x-fake-evolution", "1".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("x-fake-evolution", "1".parse().unwrap());
     response
 }
 
@@ -295,7 +310,9 @@ async fn stream_download(request: Request) -> Response {
         .unwrap_or(1024);
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
     let chunks = bytes / chunk.len();
-    let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
     Response::new(Body::from_stream(stream))
 }
 
@@ -307,7 +324,10 @@ async fn slow_headers() -> Response {
 async fn stall_body() -> Response {
     let stream = futures_util::stream::unfold(0u8, |n| async move {
         if n == 0 {
-            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"first chunk")), 1))
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from_static(b"first chunk")),
+                1,
+            ))
         } else {
             tokio::time::sleep(Duration::from_secs(60)).await;
             None
@@ -372,7 +392,8 @@ impl JsDriver {
 
     /// Opens a client; `opts` are socket.io-client options (`transports`, `query`, `auth`, ...).
     pub async fn open(&mut self, id: &str, url: &str, opts: Value) {
-        self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts})).await;
+        self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts}))
+            .await;
     }
 
     /// Opens a client and waits until it is connected or refused; returns the report.
@@ -383,22 +404,35 @@ impl JsDriver {
 
     pub async fn wait_connected(&mut self, id: &str) -> Value {
         let id = id.to_owned();
-        self.wait(move |r| r["id"] == id && (r["type"] == "connect" || r["type"] == "connect_error"))
-            .await
+        self.wait(move |r| {
+            r["id"] == id && (r["type"] == "connect" || r["type"] == "connect_error")
+        })
+        .await
     }
 
     pub async fn close(&mut self, id: &str) {
         self.send(json!({"op": "close", "id": id})).await;
         let id = id.to_owned();
-        self.wait(move |r| r["id"] == id && r["type"] == "closed").await;
+        self.wait(move |r| r["id"] == id && r["type"] == "closed")
+            .await;
     }
 
     /// Emits with an ack and returns the ack's arguments (parsed).
     pub async fn emit_ack(&mut self, id: &str, event: &str, args: Vec<Value>) -> Value {
+        let req = self.start_emit(id, event, args).await;
+        self.wait_ack(req).await
+    }
+
+    /// Emits with an ack without waiting for it; [`Self::wait_ack`] collects it.
+    pub async fn start_emit(&mut self, id: &str, event: &str, args: Vec<Value>) -> String {
         self.next_request += 1;
         let req = format!("r{}", self.next_request);
         self.send(json!({"op": "emit", "id": id, "req": req, "event": event, "args": args, "ack": true, "timeout": 15000}))
             .await;
+        req
+    }
+
+    pub async fn wait_ack(&mut self, req: String) -> Value {
         let report = self
             .wait(move |r| r["req"] == req && (r["type"] == "ack" || r["type"] == "ack_timeout"))
             .await;
@@ -410,23 +444,30 @@ impl JsDriver {
     pub async fn emit(&mut self, id: &str, event: &str, args: Vec<Value>) {
         self.next_request += 1;
         let req = format!("r{}", self.next_request);
-        self.send(json!({"op": "emit", "id": id, "req": req, "event": event, "args": args, "ack": false}))
+        self.send(
+            json!({"op": "emit", "id": id, "req": req, "event": event, "args": args, "ack": false}),
+        )
+        .await;
+        self.wait(move |r| r["req"] == req && r["type"] == "emitted")
             .await;
-        self.wait(move |r| r["req"] == req && r["type"] == "emitted").await;
     }
 
     /// Evolution's own emit of a fixture, computed by the reference algorithm in Node.
     pub async fn expected(&mut self, path: &std::path::Path) -> String {
         let file = path.to_string_lossy().into_owned();
         self.send(json!({"op": "expect", "file": file})).await;
-        let report = self.wait(move |r| r["type"] == "expected" && r["file"] == file).await;
+        let report = self
+            .wait(move |r| r["type"] == "expected" && r["file"] == file)
+            .await;
         report["text"].as_str().unwrap().to_owned()
     }
 
     /// Waits for an event on a client; returns `(event, JSON text of the arguments)`.
     pub async fn next_event(&mut self, id: &str) -> (String, String) {
         let id = id.to_owned();
-        let report = self.wait(move |r| r["id"] == id && r["type"] == "event").await;
+        let report = self
+            .wait(move |r| r["id"] == id && r["type"] == "event")
+            .await;
         (
             report["event"].as_str().unwrap().to_owned(),
             report["text"].as_str().unwrap().to_owned(),
@@ -440,7 +481,11 @@ impl JsDriver {
             .unwrap_or_else(|| panic!("timed out; unmatched reports: {:#?}", self.pending))
     }
 
-    pub async fn wait_for(&mut self, matches: impl Fn(&Value) -> bool, patience: Duration) -> Option<Value> {
+    pub async fn wait_for(
+        &mut self,
+        matches: impl Fn(&Value) -> bool,
+        patience: Duration,
+    ) -> Option<Value> {
         if let Some(index) = self.pending.iter().position(&matches) {
             return Some(self.pending.remove(index));
         }
@@ -457,7 +502,9 @@ impl JsDriver {
     /// Asserts that no event reaches client `id` within `quiet`.
     pub async fn assert_no_event(&mut self, id: &str, quiet: Duration) {
         let id = id.to_owned();
-        let got = self.wait_for(move |r| r["id"] == id && r["type"] == "event", quiet).await;
+        let got = self
+            .wait_for(move |r| r["id"] == id && r["type"] == "event", quiet)
+            .await;
         assert!(got.is_none(), "unexpected event: {got:?}");
     }
 
@@ -504,7 +551,11 @@ pub fn base64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         let chars = chunk.len() + 1;
         for i in 0..chars {
