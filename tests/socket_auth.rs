@@ -15,13 +15,19 @@ async fn the_global_key_joins_any_namespace_and_root_on_both_transports() {
     for transport in ["websocket", "polling"] {
         for ns in ["/acme", "/other", "/"] {
             let id = format!("{transport}{ns}");
-            let report = js.connect(&id, &app.url(ns), with_key(transport, GLOBAL_KEY)).await;
+            let report = js
+                .connect(&id, &app.url(ns), with_key(transport, GLOBAL_KEY))
+                .await;
             assert_eq!(report["type"], "connect", "{id}: {report}");
         }
     }
     // The browser form: the key in `auth`, not in the URL.
     let report = js
-        .connect("browser", &app.url("/acme"), json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY}}))
+        .connect(
+            "browser",
+            &app.url("/acme"),
+            json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY}}),
+        )
         .await;
     assert_eq!(report["type"], "connect");
     assert_eq!(evolution.lookups(), 0, "the global key is never looked up");
@@ -36,24 +42,45 @@ async fn an_instance_token_is_confined_to_its_instance() {
 
     for (how, opts) in [
         ("query", with_key("websocket", ACME_TOKEN)),
-        ("header", json!({"transports": ["polling"], "extraHeaders": {"apikey": ACME_TOKEN}})),
-        ("auth", json!({"transports": ["websocket"], "auth": {"apikey": ACME_TOKEN}})),
+        (
+            "header",
+            json!({"transports": ["polling"], "extraHeaders": {"apikey": ACME_TOKEN}}),
+        ),
+        (
+            "auth",
+            json!({"transports": ["websocket"], "auth": {"apikey": ACME_TOKEN}}),
+        ),
     ] {
-        let own = js.connect(&format!("{how}-own"), &app.url("/acme"), opts.clone()).await;
+        let own = js
+            .connect(&format!("{how}-own"), &app.url("/acme"), opts.clone())
+            .await;
         assert_eq!(own["type"], "connect", "{how}: {own}");
         for ns in ["/other", "/"] {
-            let refused = js.connect(&format!("{how}{ns}"), &app.url(ns), opts.clone()).await;
+            let refused = js
+                .connect(&format!("{how}{ns}"), &app.url(ns), opts.clone())
+                .await;
             assert_eq!(refused["type"], "connect_error", "{how} on {ns}: {refused}");
-            assert!(refused["message"].as_str().unwrap().contains("may not join"), "{refused}");
+            assert!(
+                refused["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("may not join"),
+                "{refused}"
+            );
         }
     }
 
     // Events of another instance never reach the token's socket.
-    post_webhook(&app.webhook_url(), event_body("messages.upsert", "other", 1)).await;
+    post_webhook(
+        &app.webhook_url(),
+        event_body("messages.upsert", "other", 1),
+    )
+    .await;
     post_webhook(&app.webhook_url(), event_body("messages.upsert", "acme", 2)).await;
     let (_, text) = js.next_event("query-own").await;
     assert!(text.contains(r#""instance":"acme""#), "{text}");
-    js.assert_no_event("query-own", Duration::from_millis(300)).await;
+    js.assert_no_event("query-own", Duration::from_millis(300))
+        .await;
     js.shutdown().await;
 }
 
@@ -63,9 +90,16 @@ async fn a_refused_namespace_leaves_the_others_working_on_one_connection() {
     let app = spawn_app(test_config(&evolution.url())).await;
     let mut js = JsDriver::start().await;
     // One Manager (shared Engine.IO connection) multiplexing two namespaces.
-    let opts = json!({"transports": ["websocket"], "forceNew": false, "query": {"apikey": ACME_TOKEN}});
-    assert_eq!(js.connect("own", &app.url("/acme"), opts.clone()).await["type"], "connect");
-    assert_eq!(js.connect("foreign", &app.url("/other"), opts).await["type"], "connect_error");
+    let opts =
+        json!({"transports": ["websocket"], "forceNew": false, "query": {"apikey": ACME_TOKEN}});
+    assert_eq!(
+        js.connect("own", &app.url("/acme"), opts.clone()).await["type"],
+        "connect"
+    );
+    assert_eq!(
+        js.connect("foreign", &app.url("/other"), opts).await["type"],
+        "connect_error"
+    );
     post_webhook(&app.webhook_url(), event_body("call", "acme", 1)).await;
     assert_eq!(js.next_event("own").await.0, "call");
     js.shutdown().await;
@@ -100,20 +134,38 @@ async fn a_wrong_key_is_refused_like_evolution_on_both_transports() {
 
     let mut js = JsDriver::start().await;
     for transport in ["websocket", "polling"] {
-        let report = js.connect(transport, &app.url("/acme"), with_key(transport, "wrong")).await;
+        let report = js
+            .connect(transport, &app.url("/acme"), with_key(transport, "wrong"))
+            .await;
         assert_eq!(report["type"], "connect_error", "{transport}: {report}");
     }
     let report = js
-        .connect("auth", &app.url("/acme"), json!({"transports": ["websocket"], "auth": {"apikey": "wrong"}}))
+        .connect(
+            "auth",
+            &app.url("/acme"),
+            json!({"transports": ["websocket"], "auth": {"apikey": "wrong"}}),
+        )
         .await;
     assert_eq!(report["type"], "connect_error");
     assert_eq!(report["message"], "invalid api key");
-    let report = js.connect("none", &app.url("/acme"), json!({"transports": ["websocket"]})).await;
+    let report = js
+        .connect(
+            "none",
+            &app.url("/acme"),
+            json!({"transports": ["websocket"]}),
+        )
+        .await;
     assert_eq!(report["type"], "connect_error", "no key at all: {report}");
     // An empty global key never matches.
-    let report = js.connect("empty", &app.url("/acme"), with_key("websocket", "")).await;
+    let report = js
+        .connect("empty", &app.url("/acme"), with_key("websocket", ""))
+        .await;
     assert_eq!(report["type"], "connect_error");
-    assert_eq!(evolution.lookups(), 1, "one lookup for 'wrong', then the negative cache");
+    assert_eq!(
+        evolution.lookups(),
+        1,
+        "one lookup for 'wrong', then the negative cache"
+    );
     js.shutdown().await;
 }
 
@@ -121,13 +173,17 @@ async fn a_wrong_key_is_refused_like_evolution_on_both_transports() {
 async fn many_connections_with_one_token_make_one_lookup() {
     let evolution = FakeEvolution::start().await;
     // A slow upstream keeps the lookups concurrent.
-    evolution.state.lookup_delay_ms.store(300, std::sync::atomic::Ordering::SeqCst);
+    evolution
+        .state
+        .lookup_delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
     let app = spawn_app(test_config(&evolution.url())).await;
     let mut js = JsDriver::start().await;
     let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         let transport = if i % 2 == 0 { "websocket" } else { "polling" };
-        js.open(id, &app.url("/acme"), with_key(transport, ACME_TOKEN)).await;
+        js.open(id, &app.url("/acme"), with_key(transport, ACME_TOKEN))
+            .await;
     }
     for id in &ids {
         assert_eq!(js.wait_connected(id).await["type"], "connect", "{id}");
@@ -143,7 +199,11 @@ async fn the_token_cache_expires() {
     config.auth.token_cache_ttl_secs = 1;
     let app = spawn_app(config).await;
     let mut js = JsDriver::start().await;
-    assert_eq!(js.connect("a", &app.url("/acme"), with_key("websocket", ACME_TOKEN)).await["type"], "connect");
+    assert_eq!(
+        js.connect("a", &app.url("/acme"), with_key("websocket", ACME_TOKEN))
+            .await["type"],
+        "connect"
+    );
     assert_eq!(evolution.lookups(), 1);
     // Revoke the token upstream; after the TTL the sidecar asks again and refuses.
     evolution.state.tokens.lock().unwrap().remove(ACME_TOKEN);
@@ -151,11 +211,20 @@ async fn the_token_cache_expires() {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let report = js.connect(&format!("b{attempt}"), &app.url("/acme"), with_key("websocket", ACME_TOKEN)).await;
+        let report = js
+            .connect(
+                &format!("b{attempt}"),
+                &app.url("/acme"),
+                with_key("websocket", ACME_TOKEN),
+            )
+            .await;
         if report["type"] == "connect_error" {
             break;
         }
-        assert!(Instant::now() < deadline, "the revoked token was never re-checked");
+        assert!(
+            Instant::now() < deadline,
+            "the revoked token was never re-checked"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(evolution.lookups(), 2);
@@ -172,27 +241,52 @@ async fn upstream_down_refuses_promptly_and_never_hangs() {
     let app = spawn_app(test_config(&format!("http://{closed}"))).await;
     let started = Instant::now();
     let response = http()
-        .get(app.url(&format!("/socket.io/?EIO=4&transport=polling&apikey={ACME_TOKEN}")))
+        .get(app.url(&format!(
+            "/socket.io/?EIO=4&transport=polling&apikey={ACME_TOKEN}"
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 403);
     let body: Value = response.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().starts_with("authentication unavailable"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("authentication unavailable"),
+        "{body}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // An upstream that accepts but never answers: refused within the lookup timeout.
     let evolution = FakeEvolution::start().await;
-    evolution.state.lookup_delay_ms.store(30_000, std::sync::atomic::Ordering::SeqCst);
+    evolution
+        .state
+        .lookup_delay_ms
+        .store(30_000, std::sync::atomic::Ordering::SeqCst);
     let mut config = test_config(&evolution.url());
     config.auth.lookup_timeout_secs = 1;
     let app = spawn_app(config).await;
     let mut js = JsDriver::start().await;
     let started = Instant::now();
-    let report = js.connect("hang", &app.url("/acme"), with_key("polling", ACME_TOKEN)).await;
+    let report = js
+        .connect("hang", &app.url("/acme"), with_key("polling", ACME_TOKEN))
+        .await;
     assert_eq!(report["type"], "connect_error", "{report}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // The global key does not depend on the upstream.
-    assert_eq!(js.connect("global", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await["type"], "connect");
+    assert_eq!(
+        js.connect(
+            "global",
+            &app.url("/acme"),
+            with_key("websocket", GLOBAL_KEY)
+        )
+        .await["type"],
+        "connect"
+    );
     js.shutdown().await;
 }

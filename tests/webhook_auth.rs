@@ -21,7 +21,9 @@ async fn post(url: &str, headers: &[(&str, String)]) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn bearer(token: String) -> Vec<(&'static str, String)> {
+type Headers = Vec<(&'static str, String)>;
+
+fn bearer(token: String) -> Headers {
     vec![("authorization", format!("Bearer {token}"))]
 }
 
@@ -39,27 +41,51 @@ async fn jwt_as_evolution_signs_it() {
             .as_secs() as i64
     };
 
-    let cases: Vec<(&str, Vec<(&str, String)>, u16, &str)> = vec![
+    // (what, headers, status, error contains)
+    let cases: Vec<(&str, Headers, u16, &str)> = vec![
         ("fresh token", bearer(evolution_jwt(JWT_SECRET, 0)), 200, ""),
         // Evolution's retries reuse one token for ~20 minutes: exp (iat+600) passed 5 minutes ago.
-        ("retried within the leeway", bearer(evolution_jwt(JWT_SECRET, 900)), 200, ""),
-        ("expired beyond the leeway", bearer(evolution_jwt(JWT_SECRET, 600 + 1200 + 60)), 401, "expired"),
-        ("wrong secret", bearer(evolution_jwt("another-secret", 0)), 401, "signature"),
+        (
+            "retried within the leeway",
+            bearer(evolution_jwt(JWT_SECRET, 900)),
+            200,
+            "",
+        ),
+        (
+            "expired beyond the leeway",
+            bearer(evolution_jwt(JWT_SECRET, 600 + 1200 + 60)),
+            401,
+            "expired",
+        ),
+        (
+            "wrong secret",
+            bearer(evolution_jwt("another-secret", 0)),
+            401,
+            "signature",
+        ),
         (
             "wrong claims",
-            bearer(sign_jwt(JWT_SECRET, &json!({"iat": now(), "exp": now() + 600, "app": "other", "action": "webhook"}))),
+            bearer(sign_jwt(
+                JWT_SECRET,
+                &json!({"iat": now(), "exp": now() + 600, "app": "other", "action": "webhook"}),
+            )),
             401,
             "claims",
         ),
         (
             "no exp",
-            bearer(sign_jwt(JWT_SECRET, &json!({"iat": now(), "app": "evolution", "action": "webhook"}))),
+            bearer(sign_jwt(
+                JWT_SECRET,
+                &json!({"iat": now(), "app": "evolution", "action": "webhook"}),
+            )),
             401,
             "exp",
         ),
         (
             "alg none",
-            bearer(unsigned_jwt(&json!({"iat": now(), "exp": now() + 600, "app": "evolution", "action": "webhook"}))),
+            bearer(unsigned_jwt(
+                &json!({"iat": now(), "exp": now() + 600, "app": "evolution", "action": "webhook"}),
+            )),
             401,
             "jwt",
         ),
@@ -83,9 +109,22 @@ async fn static_header_secret() {
     config.webhook.secret = Some(Secret::new("s3cret-header"));
     let app = spawn_app(config).await;
     let url = app.webhook_url();
-    assert_eq!(post(&url, &[("x-webhook-secret", "s3cret-header".into())]).await.0, 200);
-    assert_eq!(post(&url, &[("x-webhook-secret", "s3cret-headers".into())]).await.0, 401);
-    assert_eq!(post(&url, &[("x-other", "s3cret-header".into())]).await.0, 401);
+    assert_eq!(
+        post(&url, &[("x-webhook-secret", "s3cret-header".into())])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post(&url, &[("x-webhook-secret", "s3cret-headers".into())])
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        post(&url, &[("x-other", "s3cret-header".into())]).await.0,
+        401
+    );
     assert_eq!(post(&url, &[]).await.0, 401);
 }
 
@@ -98,10 +137,26 @@ async fn one_valid_credential_suffices() {
     config.webhook.path_token = Some(Secret::new("tok"));
     let app = spawn_app(config).await;
     let url = app.webhook_url();
-    assert_eq!(post(&url, &[("x-webhook-secret", "s3cret-header".into())]).await.0, 200);
-    assert_eq!(post(&url, &bearer(evolution_jwt(JWT_SECRET, 0))).await.0, 200);
+    assert_eq!(
+        post(&url, &[("x-webhook-secret", "s3cret-header".into())])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post(&url, &bearer(evolution_jwt(JWT_SECRET, 0))).await.0,
+        200
+    );
     assert_eq!(post(&format!("{url}/tok"), &[]).await.0, 200);
-    assert_eq!(post(&format!("{url}/bad/messages-upsert"), &[("x-webhook-secret", "s3cret-header".into())]).await.0, 401);
+    assert_eq!(
+        post(
+            &format!("{url}/bad/messages-upsert"),
+            &[("x-webhook-secret", "s3cret-header".into())]
+        )
+        .await
+        .0,
+        401
+    );
     assert_eq!(post(&url, &bearer(evolution_jwt("nope", 0))).await.0, 401);
 }
 
@@ -113,9 +168,17 @@ async fn path_token() {
     let app = spawn_app(config).await;
     let url = app.webhook_url();
     assert_eq!(post(&format!("{url}/Zx9-path-token"), &[]).await.0, 200);
-    assert_eq!(post(&format!("{url}/Zx9-path-token/messages-upsert"), &[]).await.0, 200);
+    assert_eq!(
+        post(&format!("{url}/Zx9-path-token/messages-upsert"), &[])
+            .await
+            .0,
+        200
+    );
     assert_eq!(post(&format!("{url}/Zx9-path-tokeN"), &[]).await.0, 401);
-    assert_eq!(post(&format!("{url}/wrong/messages-upsert"), &[]).await.0, 401);
+    assert_eq!(
+        post(&format!("{url}/wrong/messages-upsert"), &[]).await.0,
+        401
+    );
     assert_eq!(post(&url, &[]).await.0, 401);
 }
 
@@ -131,5 +194,8 @@ async fn without_credentials_only_allowed_peers() {
     let app = spawn_app(config).await;
     let (status, body) = post(&app.webhook_url(), &[]).await;
     assert_eq!(status, 403);
-    assert!(body["error"].as_str().unwrap().contains("127.0.0.1"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("127.0.0.1"),
+        "{body}"
+    );
 }

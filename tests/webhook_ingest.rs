@@ -36,8 +36,15 @@ async fn every_fixture_arrives_as_evolution_emits_it_on_both_transports() {
         assert_eq!((status, reply), (200, json!({"ok": true})), "{name}");
         for id in ["ws", "poll"] {
             let (got_event, text) = js.next_event(id).await;
-            assert_eq!(got_event, event["event"].as_str().unwrap(), "{name} on {id}");
-            assert_eq!(text, expected, "{name} on {id}: key order and values must match");
+            assert_eq!(
+                got_event,
+                event["event"].as_str().unwrap(),
+                "{name} on {id}"
+            );
+            assert_eq!(
+                text, expected,
+                "{name} on {id}: key order and values must match"
+            );
         }
     }
     js.shutdown().await;
@@ -49,8 +56,18 @@ async fn a_namespace_works_before_its_first_event_and_other_instances_stay_apart
     let evolution = FakeEvolution::start().await;
     let app = spawn_app(test_config(&evolution.url())).await;
     let mut js = JsDriver::start().await;
-    js.connect("a", &app.url("/brand-new"), with_key("websocket", GLOBAL_KEY)).await;
-    js.connect("b", &app.url("/elsewhere"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect(
+        "a",
+        &app.url("/brand-new"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    js.connect(
+        "b",
+        &app.url("/elsewhere"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
 
     let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "brand-new", 1)).await;
     assert_eq!(status, 200);
@@ -69,7 +86,9 @@ async fn global_events_reach_the_root_namespace_only_when_enabled() {
         config.hub.global_events = global;
         let app = spawn_app(config).await;
         let mut js = JsDriver::start().await;
-        let report = js.connect("root", &app.url("/"), with_key("websocket", GLOBAL_KEY)).await;
+        let report = js
+            .connect("root", &app.url("/"), with_key("websocket", GLOBAL_KEY))
+            .await;
         assert_eq!(report["type"], "connect");
         let body = fixture("connection-update.json");
         assert_eq!(post_webhook(&app.webhook_url(), body).await.0, 200);
@@ -92,7 +111,8 @@ async fn by_events_urls_with_and_without_path_token() {
     config.webhook.path_token = Some(evolution_realtime_secret("pathtok"));
     let app = spawn_app(config).await;
     let mut js = JsDriver::start().await;
-    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
 
     let body = || event_body("messages.upsert", "acme", 7);
     let base = app.webhook_url();
@@ -112,7 +132,10 @@ async fn by_events_urls_with_and_without_path_token() {
     // A suffix that disagrees with the body's event.
     let (status, reply) = post_webhook(&format!("{base}/pathtok/messages-update"), body()).await;
     assert_eq!(status, 422);
-    assert!(reply["error"].as_str().unwrap().contains("messages-upsert"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("messages-upsert"),
+        "{reply}"
+    );
     // Without the token, no credential: refused.
     let (status, _) = post_webhook(&format!("{base}/messages-upsert"), body()).await;
     assert_eq!(status, 401);
@@ -125,10 +148,14 @@ async fn by_events_urls_without_credentials() {
     let evolution = FakeEvolution::start().await;
     let app = spawn_app(test_config(&evolution.url())).await;
     let mut js = JsDriver::start().await;
-    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
     let base = app.webhook_url();
     for (url, event) in [
-        (format!("{base}/group-participants-update"), "group-participants.update"),
+        (
+            format!("{base}/group-participants-update"),
+            "group-participants.update",
+        ),
         (format!("{base}//connection-update"), "connection.update"),
         (format!("{base}/"), "call"),
     ] {
@@ -150,7 +177,8 @@ async fn sidecar_events_limits_what_is_emitted() {
     config.hub.events = vec!["CONNECTION_UPDATE".into()];
     let app = spawn_app(config).await;
     let mut js = JsDriver::start().await;
-    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
     for event in ["messages.upsert", "connection.update", "call"] {
         let (status, _) = post_webhook(&app.webhook_url(), event_body(event, "acme", 1)).await;
         assert_eq!(status, 200, "a filtered event is still accepted");
@@ -178,7 +206,8 @@ async fn per_client_filters_from_query_or_auth() {
         json!({"transports": ["polling"], "auth": {"apikey": GLOBAL_KEY, "events": ["connection.update", "CALL"]}}),
     )
     .await;
-    js.connect("all", &ns, with_key("websocket", GLOBAL_KEY)).await;
+    js.connect("all", &ns, with_key("websocket", GLOBAL_KEY))
+        .await;
     let bad = js
         .connect(
             "bad",
@@ -186,18 +215,35 @@ async fn per_client_filters_from_query_or_auth() {
             json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY, "events": "E:*,x y"}}),
         )
         .await;
-    assert_eq!(bad["type"], "connect_error", "a crafted filter is refused: {bad}");
+    assert_eq!(
+        bad["type"], "connect_error",
+        "a crafted filter is refused: {bad}"
+    );
 
-    for (n, event) in ["messages.upsert", "connection.update", "call", "presence.update"].iter().enumerate() {
+    for (n, event) in [
+        "messages.upsert",
+        "connection.update",
+        "call",
+        "presence.update",
+    ]
+    .iter()
+    .enumerate()
+    {
         post_webhook(&app.webhook_url(), event_body(event, "acme", n as u64)).await;
     }
     assert_eq!(js.next_event("query").await.0, "messages.upsert");
     assert_eq!(js.next_event("auth").await.0, "connection.update");
     assert_eq!(js.next_event("auth").await.0, "call");
-    for event in ["messages.upsert", "connection.update", "call", "presence.update"] {
+    for event in [
+        "messages.upsert",
+        "connection.update",
+        "call",
+        "presence.update",
+    ] {
         assert_eq!(js.next_event("all").await.0, event, "order is kept");
     }
-    js.assert_no_event("query", Duration::from_millis(200)).await;
+    js.assert_no_event("query", Duration::from_millis(200))
+        .await;
     js.assert_no_event("auth", Duration::from_millis(100)).await;
     js.shutdown().await;
 }
@@ -222,6 +268,16 @@ async fn many_first_connections_to_a_new_namespace_all_receive() {
     js.shutdown().await;
 }
 
+/// (what, url, body, content-type, status, error contains)
+type Case = (
+    &'static str,
+    String,
+    Vec<u8>,
+    &'static str,
+    u16,
+    &'static str,
+);
+
 /// One table: each bad request gets exactly this status and a JSON error, and nothing is emitted.
 #[tokio::test]
 async fn bad_input_table() {
@@ -230,36 +286,206 @@ async fn bad_input_table() {
     config.webhook.max_body_bytes = 65536;
     let app = spawn_app(config).await;
     let mut js = JsDriver::start().await;
-    js.connect("watch", &app.url("/acme"), with_key("websocket", GLOBAL_KEY)).await;
+    js.connect(
+        "watch",
+        &app.url("/acme"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
 
     let url = app.webhook_url();
-    let deep = format!("{{\"event\":\"call\",\"instance\":\"acme\",\"data\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-    let big = event_body("call", "acme", 1).replace("\"n\":1", &format!("\"n\":\"{}\"", "x".repeat(70_000)));
-    let cases: Vec<(&str, String, Vec<u8>, &str, u16, &str)> = vec![
-        // (what, url, body, content-type, status, error contains)
-        ("invalid utf-8", url.clone(), b"{\"event\":\"\xff\"}".to_vec(), "application/json", 400, "UTF-8"),
-        ("truncated json", url.clone(), br#"{"event":"call","instance":"ac"#.to_vec(), "application/json", 400, "invalid JSON"),
-        ("nested 10000 deep", url.clone(), deep.into_bytes(), "application/json", 400, "invalid JSON"),
-        ("duplicate event", url.clone(), br#"{"event":"call","event":"x","instance":"acme"}"#.to_vec(), "application/json", 400, "more than once"),
-        ("duplicate instance", url.clone(), br#"{"event":"call","instance":"acme","instance":"b"}"#.to_vec(), "application/json", 400, "more than once"),
-        ("array body", url.clone(), b"[1,2]".to_vec(), "application/json", 400, "invalid JSON"),
-        ("string body", url.clone(), br#""hello""#.to_vec(), "application/json", 400, "invalid JSON"),
-        ("event not a string", url.clone(), br#"{"event":1,"instance":"acme"}"#.to_vec(), "application/json", 422, "`event` must be a string"),
-        ("instance not a string", url.clone(), br#"{"event":"call","instance":{}}"#.to_vec(), "application/json", 422, "`instance` must be a string"),
-        ("event missing", url.clone(), br#"{"instance":"acme"}"#.to_vec(), "application/json", 422, "`event` is missing"),
-        ("instance missing", url.clone(), br#"{"event":"call"}"#.to_vec(), "application/json", 422, "`instance` is missing"),
-        ("instance with /", url.clone(), br#"{"event":"call","instance":"a/b"}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance with \\", url.clone(), br#"{"event":"call","instance":"a\\b"}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance with %", url.clone(), br#"{"event":"call","instance":"a%2F"}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance with control", url.clone(), br#"{"event":"call","instance":"a\u0007"}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance .", url.clone(), br#"{"event":"call","instance":"."}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance ..", url.clone(), br#"{"event":"call","instance":".."}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance empty", url.clone(), br#"{"event":"call","instance":""}"#.to_vec(), "application/json", 422, "instance name"),
-        ("instance 129 bytes", url.clone(), format!(r#"{{"event":"call","instance":"{}"}}"#, "x".repeat(129)).into_bytes(), "application/json", 422, "instance name"),
-        ("suffix disagrees", format!("{url}/messages-upsert"), event_body("call", "acme", 1).into_bytes(), "application/json", 422, "does not match"),
-        ("too large", url.clone(), big.into_bytes(), "application/json", 413, "larger than 65536"),
-        ("not json content-type", url.clone(), event_body("call", "acme", 1).into_bytes(), "text/plain", 415, "application/json"),
-        ("path too deep", format!("{url}/a/b/c"), event_body("call", "acme", 1).into_bytes(), "application/json", 404, "no such webhook path"),
+    let deep = format!(
+        "{{\"event\":\"call\",\"instance\":\"acme\",\"data\":{}{}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let big = event_body("call", "acme", 1)
+        .replace("\"n\":1", &format!("\"n\":\"{}\"", "x".repeat(70_000)));
+    let cases: Vec<Case> = vec![
+        (
+            "invalid utf-8",
+            url.clone(),
+            b"{\"event\":\"\xff\"}".to_vec(),
+            "application/json",
+            400,
+            "UTF-8",
+        ),
+        (
+            "truncated json",
+            url.clone(),
+            br#"{"event":"call","instance":"ac"#.to_vec(),
+            "application/json",
+            400,
+            "invalid JSON",
+        ),
+        (
+            "nested 10000 deep",
+            url.clone(),
+            deep.into_bytes(),
+            "application/json",
+            400,
+            "invalid JSON",
+        ),
+        (
+            "duplicate event",
+            url.clone(),
+            br#"{"event":"call","event":"x","instance":"acme"}"#.to_vec(),
+            "application/json",
+            400,
+            "more than once",
+        ),
+        (
+            "duplicate instance",
+            url.clone(),
+            br#"{"event":"call","instance":"acme","instance":"b"}"#.to_vec(),
+            "application/json",
+            400,
+            "more than once",
+        ),
+        (
+            "array body",
+            url.clone(),
+            b"[1,2]".to_vec(),
+            "application/json",
+            400,
+            "invalid JSON",
+        ),
+        (
+            "string body",
+            url.clone(),
+            br#""hello""#.to_vec(),
+            "application/json",
+            400,
+            "invalid JSON",
+        ),
+        (
+            "event not a string",
+            url.clone(),
+            br#"{"event":1,"instance":"acme"}"#.to_vec(),
+            "application/json",
+            422,
+            "`event` must be a string",
+        ),
+        (
+            "instance not a string",
+            url.clone(),
+            br#"{"event":"call","instance":{}}"#.to_vec(),
+            "application/json",
+            422,
+            "`instance` must be a string",
+        ),
+        (
+            "event missing",
+            url.clone(),
+            br#"{"instance":"acme"}"#.to_vec(),
+            "application/json",
+            422,
+            "`event` is missing",
+        ),
+        (
+            "instance missing",
+            url.clone(),
+            br#"{"event":"call"}"#.to_vec(),
+            "application/json",
+            422,
+            "`instance` is missing",
+        ),
+        (
+            "instance with /",
+            url.clone(),
+            br#"{"event":"call","instance":"a/b"}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance with \\",
+            url.clone(),
+            br#"{"event":"call","instance":"a\\b"}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance with %",
+            url.clone(),
+            br#"{"event":"call","instance":"a%2F"}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance with control",
+            url.clone(),
+            br#"{"event":"call","instance":"a\u0007"}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance .",
+            url.clone(),
+            br#"{"event":"call","instance":"."}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance ..",
+            url.clone(),
+            br#"{"event":"call","instance":".."}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance empty",
+            url.clone(),
+            br#"{"event":"call","instance":""}"#.to_vec(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "instance 129 bytes",
+            url.clone(),
+            format!(r#"{{"event":"call","instance":"{}"}}"#, "x".repeat(129)).into_bytes(),
+            "application/json",
+            422,
+            "instance name",
+        ),
+        (
+            "suffix disagrees",
+            format!("{url}/messages-upsert"),
+            event_body("call", "acme", 1).into_bytes(),
+            "application/json",
+            422,
+            "does not match",
+        ),
+        (
+            "too large",
+            url.clone(),
+            big.into_bytes(),
+            "application/json",
+            413,
+            "larger than 65536",
+        ),
+        (
+            "not json content-type",
+            url.clone(),
+            event_body("call", "acme", 1).into_bytes(),
+            "text/plain",
+            415,
+            "application/json",
+        ),
+        (
+            "path too deep",
+            format!("{url}/a/b/c"),
+            event_body("call", "acme", 1).into_bytes(),
+            "application/json",
+            404,
+            "no such webhook path",
+        ),
     ];
     for (what, url, body, content_type, status, error) in cases {
         let response = http()
@@ -271,12 +497,18 @@ async fn bad_input_table() {
             .unwrap();
         assert_eq!(response.status().as_u16(), status, "{what}");
         let reply: Value = response.json().await.unwrap_or(Value::Null);
-        let message = reply["error"].as_str().unwrap_or_else(|| panic!("{what}: no JSON error: {reply}"));
-        assert!(message.contains(error), "{what}: {message:?} lacks {error:?}");
+        let message = reply["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no JSON error: {reply}"));
+        assert!(
+            message.contains(error),
+            "{what}: {message:?} lacks {error:?}"
+        );
     }
 
     // Too large, chunked (no Content-Length): still 413.
-    let chunks = futures_util::stream::iter((0..80).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let chunks =
+        futures_util::stream::iter((0..80).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
     let response = http()
         .post(&url)
         .header("content-type", "application/json")
@@ -286,9 +518,13 @@ async fn bad_input_table() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 413, "chunked too large");
 
-    js.assert_no_event("watch", Duration::from_millis(300)).await;
+    js.assert_no_event("watch", Duration::from_millis(300))
+        .await;
     // Still healthy: a good webhook goes through.
-    assert_eq!(post_webhook(&url, event_body("call", "acme", 2)).await.0, 200);
+    assert_eq!(
+        post_webhook(&url, event_body("call", "acme", 2)).await.0,
+        200
+    );
     assert_eq!(js.next_event("watch").await.0, "call");
     js.shutdown().await;
 }

@@ -67,11 +67,13 @@ impl Drop for TestApp {
 
 /// A configuration for tests: loopback, the given upstream, a global key.
 pub fn test_config(upstream_url: &str) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shutdown_grace_secs: 2,
+        ..Config::default()
+    };
     config.upstream.url = upstream_url.to_owned();
     config.auth.api_key = Some(Secret::new(GLOBAL_KEY));
-    config.shutdown_grace_secs = 2;
     config
 }
 
