@@ -1,7 +1,7 @@
 //! Who a key belongs to: API key → [`Principal`], with a cached upstream lookup.
 //!
-//! The global key (`AUTHENTICATION_API_KEY`) is compared in constant time and never
-//! leaves the process. Any other key is resolved once per TTL with
+//! The global key (`AUTHENTICATION_API_KEY`) is compared in constant time; it is only
+//! sent upstream on the emits of a client that connected with it. Any other key is resolved once per TTL with
 //! `GET {upstream}/instance/fetchInstances` and header `apikey: <key>`: the instances it
 //! lists are the only namespaces the key may join. Answers, positive and negative, are
 //! cached; concurrent lookups of one key share one upstream call; an unreachable upstream
@@ -30,6 +30,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Secret;
 use crate::envelope::InstanceName;
+use crate::telemetry::names;
 
 /// Settings of key resolution.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +93,16 @@ pub enum Error {
     Invalid,
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
+}
+
+impl Error {
+    /// The `reason` label of a rejection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Invalid => "invalid_key",
+            Error::Unavailable(_) => "auth_unavailable",
+        }
+    }
 }
 
 /// How long an `Unavailable` answer is reused, so a flood during an outage makes
@@ -291,6 +302,7 @@ pub async fn check_handshake(
         }
         Err(err) => {
             tracing::debug!(error = %err, websocket, "handshake refused");
+            metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => err.reason()).increment(1);
             handshake_refusal(&err, websocket)
         }
     }

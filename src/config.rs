@@ -46,6 +46,7 @@ pub const ENV_MAX_BODY_BYTES: &str = "SIDECAR_MAX_BODY_BYTES";
 pub const ENV_WEBHOOK_READ_TIMEOUT_SECS: &str = "SIDECAR_WEBHOOK_READ_TIMEOUT_SECS";
 pub const ENV_LOG_FORMAT: &str = "SIDECAR_LOG_FORMAT";
 pub const ENV_SHUTDOWN_GRACE_SECS: &str = "SIDECAR_SHUTDOWN_GRACE_SECS";
+pub const ENV_METRICS_LISTEN: &str = "SIDECAR_METRICS_LISTEN";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +77,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_LISTEN, "listen"),
     var(ENV_LOG_FORMAT, "log_format"),
     var(ENV_SHUTDOWN_GRACE_SECS, "shutdown_grace_secs"),
+    var(ENV_METRICS_LISTEN, "metrics_listen"),
     var(ENV_UPSTREAM_URL, "upstream.url"),
     var(
         ENV_UPSTREAM_CONNECT_TIMEOUT_SECS,
@@ -112,6 +114,8 @@ pub struct Config {
     pub log_format: telemetry::LogFormat,
     /// How long a graceful shutdown may take before connections are cut.
     pub shutdown_grace_secs: u64,
+    /// When set, `/_sidecar/metrics` is served here only, not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub upstream: upstream::Config,
     pub auth: auth::Config,
     pub hub: hub::Config,
@@ -124,6 +128,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             log_format: telemetry::LogFormat::Text,
             shutdown_grace_secs: 10,
+            metrics_listen: None,
             upstream: upstream::Config::default(),
             auth: auth::Config::default(),
             hub: hub::Config::default(),
@@ -189,14 +194,28 @@ impl Config {
     }
 }
 
-/// The message for an invalid value: `NAME="value" is not valid: reason`.
+/// The message for an invalid value: `NAME (key)="value" is not valid: reason`, naming
+/// both the variable and the TOML key, since the value may come from either.
 pub fn invalid(key: &str, value: &dyn fmt::Display, reason: impl fmt::Display) -> Error {
-    let name = ENV_VARS
-        .iter()
-        .find(|var| var.key == key)
-        .map_or(key, |var| var.name);
-    Error::new(format!("{name}=\"{value}\" is not valid: {reason}"))
+    match ENV_VARS.iter().find(|var| var.key == key) {
+        Some(var) => Error::new(format!(
+            "{} ({key})=\"{value}\" is not valid: {reason}",
+            var.name
+        )),
+        None => Error::new(format!("{key}=\"{value}\" is not valid: {reason}")),
+    }
 }
+
+/// The command-line flag of each key that has one.
+pub const FLAGS: &[(&str, &str)] = &[
+    ("listen", "--listen"),
+    ("upstream.url", "--upstream-url"),
+    ("webhook.path", "--webhook-path"),
+    ("hub.global_events", "--global-events"),
+    ("hub.events", "--events"),
+    ("hub.cors_origin", "--cors-origin"),
+    ("log_format", "--log-format"),
+];
 
 fn describe(err: figment::Error, env: &EnvProvider, flags: &Overrides) -> Error {
     let key = err.path.join(".");
@@ -213,9 +232,12 @@ fn describe(err: figment::Error, env: &EnvProvider, flags: &Overrides) -> Error 
     match var {
         Some(var) if from_flag => {
             let value = flags.get(var.key).map(String::as_str).unwrap_or("");
+            let flag = FLAGS
+                .iter()
+                .find(|(key, _)| *key == var.key)
+                .map_or(var.key, |(_, flag)| flag);
             Error::new(format!(
-                "--{}=\"{}\" is not valid: {reason}",
-                var.key.replace(['.', '_'], "-"),
+                "{flag}=\"{}\" is not valid: {reason}",
                 mask(var, value)
             ))
         }

@@ -17,7 +17,7 @@
 //! | any upstream answer              | `{"status":N,"body":...}`      |
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use tokio::sync::OnceCell;
 use crate::config;
 use crate::envelope::InstanceName;
 use crate::hub::Session;
+use crate::telemetry::names;
 
 /// Settings of the upstream Evolution API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,11 +78,18 @@ impl Config {
                 "must have no query",
             ));
         }
-        if self.timeout_secs == 0 || self.connect_timeout_secs == 0 {
+        if self.timeout_secs == 0 {
             return Err(config::invalid(
                 "upstream.timeout_secs",
-                &self.timeout_secs,
-                "timeouts must be positive",
+                &0,
+                "must be positive",
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(config::invalid(
+                "upstream.connect_timeout_secs",
+                &0,
+                "must be positive",
             ));
         }
         if self.max_in_flight == 0 {
@@ -248,6 +256,12 @@ impl AckReply {
             error: error.into(),
         }
     }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            AckReply::Upstream { status, .. } | AckReply::Error { status, .. } => *status,
+        }
+    }
 }
 
 /// How long a `requestId` is remembered.
@@ -266,7 +280,13 @@ pub struct Upstream {
     base_url: String,
     routes: RouteTable,
     max_in_flight: usize,
-    remembered: Mutex<HashMap<(InstanceName, String), Arc<Remembered>>>,
+    /// Keyed by instance, the caller's key and the requestId: one client's answer is
+    /// never handed to another.
+    remembered: Mutex<HashMap<(InstanceName, String, String), Arc<Remembered>>>,
+    /// Calls in flight across all sockets, for shutdown.
+    active: Arc<AtomicUsize>,
+    idle: Arc<tokio::sync::Notify>,
+    draining: AtomicBool,
 }
 
 impl Upstream {
@@ -284,6 +304,9 @@ impl Upstream {
             routes: RouteTable::new(&config.routes),
             max_in_flight: config.max_in_flight,
             remembered: Mutex::new(HashMap::new()),
+            active: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(tokio::sync::Notify::new()),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -312,6 +335,10 @@ impl Upstream {
             None => None,
         };
 
+        if self.draining.load(Ordering::Acquire) {
+            return AckReply::error(503, "shutting down, retry later");
+        }
+        let _active = Active::enter(&self.active, &self.idle);
         let Some(_permit) = InFlight::acquire(session, self.max_in_flight) else {
             return AckReply::error(
                 429,
@@ -325,18 +352,48 @@ impl Upstream {
             return self.call(route, instance, session, fields).await;
         };
         // A repeat of the same requestId waits for, then shares, the first answer.
-        let remembered = self.remember(instance, request_id);
-        remembered
+        let key = (
+            instance.clone(),
+            session.key.expose().to_owned(),
+            request_id,
+        );
+        let remembered = self.remember(&key);
+        let reply = remembered
             .reply
             .get_or_init(|| self.call(route, instance, session, fields))
             .await
-            .clone()
+            .clone();
+        if reply.status() == 502 {
+            // The request never reached the upstream: a retry may really try again.
+            let mut map = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+            if map
+                .get(&key)
+                .is_some_and(|entry| Arc::ptr_eq(entry, &remembered))
+            {
+                map.remove(&key);
+            }
+        }
+        reply
     }
 
-    fn remember(&self, instance: &InstanceName, request_id: String) -> Arc<Remembered> {
+    /// Refuses new calls and waits until those in flight are done, or `deadline`.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> bool {
+        self.draining.store(true, Ordering::Release);
+        loop {
+            let notified = self.idle.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+
+    fn remember(&self, key: &(InstanceName, String, String)) -> Arc<Remembered> {
         let now = Instant::now();
         let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (instance.clone(), request_id);
+        let key = key.clone();
         if let Some(entry) = remembered.get(&key)
             && now.duration_since(entry.created) < IDEMPOTENCY_WINDOW
         {
@@ -394,15 +451,27 @@ impl Upstream {
         }
 
         let started = Instant::now();
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return failure(&err, instance, route),
+        let outcome = async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.bytes().await?))
+        }
+        .await;
+        let label = route.template.clone();
+        metrics::histogram!(names::UPSTREAM_SECONDS, "route" => label.clone())
+            .record(started.elapsed().as_secs_f64());
+        let (status, body) = match outcome {
+            Ok(answer) => answer,
+            Err(err) => {
+                let reply = failure(&err, instance, route);
+                let status = reply.status().to_string();
+                metrics::counter!(names::UPSTREAM_CALLS, "route" => label, "status" => status)
+                    .increment(1);
+                return reply;
+            }
         };
-        let status = response.status().as_u16();
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => return failure(&err, instance, route),
-        };
+        metrics::counter!(names::UPSTREAM_CALLS, "route" => label, "status" => status.to_string())
+            .increment(1);
         tracing::debug!(
             instance = %instance,
             route = %route.template,
@@ -429,8 +498,26 @@ fn failure(err: &reqwest::Error, instance: &InstanceName, route: &Route) -> AckR
     }
 }
 
+/// One call counted as active until dropped; the last one out wakes a drain.
+struct Active(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+
+impl Active {
+    fn enter(active: &Arc<AtomicUsize>, idle: &Arc<tokio::sync::Notify>) -> Self {
+        active.fetch_add(1, Ordering::AcqRel);
+        Self(active.clone(), idle.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.1.notify_waiters();
+        }
+    }
+}
+
 /// One call counted against its socket's in-flight limit until dropped.
-struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     fn acquire(session: &Session, max: usize) -> Option<Self> {

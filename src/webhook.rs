@@ -37,6 +37,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{self, Secret, comma_list};
 use crate::envelope::{self, Envelope};
 use crate::hub::Hub;
+use crate::telemetry::{self, names};
 
 /// Settings of the ingest endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +110,19 @@ impl Config {
                 &self.secret_header,
                 "not a valid header name",
             ));
+        }
+        // An empty credential would match an empty header and switch off the peer allow-list.
+        for (key, secret) in [
+            ("webhook.jwt_secret", &self.jwt_secret),
+            ("webhook.secret", &self.secret),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+                return Err(config::invalid(
+                    key,
+                    &"",
+                    "must not be empty; unset it instead",
+                ));
+            }
         }
         if let Some(token) = &self.path_token
             && (token.expose().is_empty() || token.expose().contains(['/', '?', '#', '%']))
@@ -253,10 +267,24 @@ impl Webhook {
     }
 }
 
-/// `POST {path}[/{token}][/{suffix}]`: accept one event.
-pub async fn ingest(
-    State(webhook): State<Arc<Webhook>>,
+/// `POST {path}[/{token}][/{suffix}]`: accept one event, and count the outcome.
+pub async fn ingest(State(webhook): State<Arc<Webhook>>, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let mut event_label = "unknown";
+    let response = match accept(&webhook, request, &mut event_label).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(names::WEBHOOKS, "event" => event_label, "status" => status).increment(1);
+    metrics::histogram!(names::WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn accept(
+    webhook: &Webhook,
     request: Request,
+    event_label: &mut &'static str,
 ) -> Result<Response, Error> {
     // Stage 1: while draining, Evolution must retry elsewhere.
     if webhook.draining.load(Ordering::Relaxed) {
@@ -274,13 +302,14 @@ pub async fn ingest(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
-    authenticate(&webhook, &route, request.headers(), peer)?;
+    authenticate(webhook, &route, request.headers(), peer)?;
 
     // Stage 5: the body, bounded in size and time.
     let body = read_body(request, limit, webhook.config.read_timeout_secs).await?;
 
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
+    *event_label = telemetry::event_label(envelope.event.as_str());
     if let Some(suffix) = &route.suffix {
         let expected = envelope.event.kebab();
         if *suffix != expected {

@@ -106,13 +106,16 @@ fn bad_values_name_the_variable() {
     );
     let text = message(&[("SIDECAR_UPSTREAM_URL", "ftp://x")]);
     assert!(
-        text.starts_with("SIDECAR_UPSTREAM_URL=\"ftp://x\" is not valid"),
+        text.starts_with("SIDECAR_UPSTREAM_URL (upstream.url)=\"ftp://x\" is not valid"),
         "{text}"
     );
     let text = message(&[("SIDECAR_EVENTS", "messages.upsert")]);
-    assert!(text.starts_with("SIDECAR_EVENTS="), "{text}");
+    assert!(text.starts_with("SIDECAR_EVENTS (hub.events)="), "{text}");
     let text = message(&[("SIDECAR_WEBHOOK_ALLOWED_CIDRS", "10.0.0.0/99")]);
-    assert!(text.starts_with("SIDECAR_WEBHOOK_ALLOWED_CIDRS="), "{text}");
+    assert!(
+        text.starts_with("SIDECAR_WEBHOOK_ALLOWED_CIDRS (webhook.allowed_cidrs)="),
+        "{text}"
+    );
     let text = message(&[("WEBSOCKET_GLOBAL_EVENTS", "maybe")]);
     assert!(
         text.starts_with("WEBSOCKET_GLOBAL_EVENTS=\"maybe\" is not valid"),
@@ -165,4 +168,35 @@ fn every_variable_is_documented() {
             var.key
         );
     }
+}
+
+#[test]
+fn flags_are_named_as_typed_and_empty_credentials_refused() {
+    let err = load(None, &[], &[("hub.global_events", "maybe")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("--global-events=\"maybe\" is not valid"),
+        "{err}"
+    );
+    let err = load(None, &[("SIDECAR_WEBHOOK_SECRET", "")], &[]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("SIDECAR_WEBHOOK_SECRET (webhook.secret)"),
+        "{err}"
+    );
+    let err = load(None, &[("SIDECAR_WEBHOOK_JWT_SECRET", "")], &[]).unwrap_err();
+    assert!(err.to_string().contains("must not be empty"), "{err}");
+    let err = load(None, &[("SIDECAR_UPSTREAM_CONNECT_TIMEOUT_SECS", "0")], &[]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("SIDECAR_UPSTREAM_CONNECT_TIMEOUT_SECS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_file_is_accepted() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let config = Config::load(Some(Path::new(path)), Vec::new(), &Overrides::new()).unwrap();
+    assert_eq!(config.listen.to_string(), "0.0.0.0:8081");
 }
