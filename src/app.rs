@@ -33,7 +33,10 @@ use crate::webhook::{self, Webhook};
 /// The whole sidecar, built from a [`Config`] without binding any port.
 pub struct App {
     router: Router,
+    /// Serves `/_sidecar/metrics` on its own listener when `metrics_listen` is set.
+    metrics_router: Option<(SocketAddr, Router)>,
     hub: Hub,
+    upstream: Arc<Upstream>,
     draining: Arc<AtomicBool>,
     grace: Duration,
 }
@@ -48,7 +51,7 @@ impl App {
             config.upstream.base_url(),
         )?);
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
-        let (socketio_layer, hub) = Hub::build(&config.hub, auth.clone(), upstream)?;
+        let (socketio_layer, hub) = Hub::build(&config.hub, auth.clone(), upstream.clone())?;
         let webhook = Arc::new(Webhook::new(
             &config.webhook,
             hub.clone(),
@@ -76,12 +79,19 @@ impl App {
             .route(&format!("{webhook_path}/"), post(webhook::ingest))
             .route(&format!("{webhook_path}/{{*rest}}"), post(webhook::ingest))
             .with_state(webhook);
-        let sidecar = Router::new()
+        let mut sidecar = Router::new()
             .route("/_sidecar/healthz", get(telemetry::healthz))
             .route("/_sidecar/readyz", get(telemetry::readyz))
             .with_state(health)
             .route("/_sidecar", any(not_found))
             .route("/_sidecar/{*rest}", any(not_found));
+        let metrics_router = match config.metrics_listen {
+            Some(addr) => Some((addr, metrics_routes())),
+            None => {
+                sidecar = sidecar.merge(metrics_routes());
+                None
+            }
+        };
 
         let router = Router::new()
             .route_service("/socket.io/", socketio.clone())
@@ -89,11 +99,16 @@ impl App {
             .merge(ingest)
             .merge(sidecar)
             .fallback(proxy::forward)
-            .with_state(proxy);
+            .with_state(proxy)
+            // Outermost: one span per request, with an id and the path (never the query,
+            // which may hold `apikey=`).
+            .layer(axum::middleware::from_fn(telemetry::request_span));
 
         Ok(Self {
             router,
+            metrics_router,
             hub,
+            upstream,
             draining,
             grace: Duration::from_secs(config.shutdown_grace_secs),
         })
@@ -109,47 +124,111 @@ impl App {
         &self.hub
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains: webhooks and readiness
-    /// answer 503, sockets are closed, and connections get `shutdown_grace_secs` to finish.
+    /// Binds the separate metrics listener, if one is configured.
+    pub async fn bind_metrics(&self) -> std::io::Result<Option<TcpListener>> {
+        match &self.metrics_router {
+            Some((addr, _)) => Ok(Some(TcpListener::bind(addr).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains within
+    /// `shutdown_grace_secs`:
+    /// 1. webhooks, new emits and readiness answer 503, while the listener still accepts
+    ///    (so Evolution and probes see 503, not a refused connection);
+    /// 2. emits already forwarded upstream finish and are acked;
+    /// 3. sockets are closed, then HTTP connections get the rest of the grace time.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-        let draining = self.draining.clone();
-        let hub = self.hub.clone();
-        let graceful = async move {
-            shutdown.await;
-            draining.store(true, Ordering::SeqCst);
-            tracing::info!("shutting down: draining");
-            let _ = started_tx.send(());
-            if tokio::time::timeout(hub::CLOSE_TIMEOUT, hub.close())
-                .await
-                .is_err()
-            {
-                tracing::warn!("socket.io did not close all sockets in time");
-            }
+        self.serve_with_metrics(listener, None, shutdown).await
+    }
+
+    /// [`App::serve`], plus the metrics listener from [`App::bind_metrics`].
+    pub async fn serve_with_metrics(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
+        let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
+        tokio::spawn(drain(
+            shutdown,
+            self.grace,
+            self.draining.clone(),
+            self.upstream.clone(),
+            self.hub.clone(),
+            phase_tx,
+        ));
+
+        let reached = |mut rx: tokio::sync::watch::Receiver<u8>, phase: u8| async move {
+            let _ = rx.wait_for(|now| *now >= phase).await;
         };
+        if let (Some(listener), Some((_, router))) = (metrics_listener, self.metrics_router) {
+            let stop = reached(phase_rx.clone(), 1);
+            tokio::spawn(async move {
+                let server = axum::serve(listener, router).with_graceful_shutdown(stop);
+                if let Err(err) = server.await {
+                    tracing::error!(error = %err, "metrics listener failed");
+                }
+            });
+        }
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(listener, service).with_graceful_shutdown(graceful);
-        let grace = self.grace;
-        let deadline = async move {
-            match started_rx.await {
-                Ok(()) => tokio::time::sleep(grace).await,
-                Err(_) => std::future::pending().await,
-            }
-        };
+        let server =
+            axum::serve(listener, service).with_graceful_shutdown(reached(phase_rx.clone(), 1));
         tokio::select! {
             result = server.into_future() => result,
-            () = deadline => {
-                tracing::warn!(grace_secs = grace.as_secs(), "grace period ran out: closing remaining connections");
+            () = reached(phase_rx, 2) => {
+                tracing::warn!("grace period ran out: closing remaining connections");
                 Ok(())
             }
         }
     }
+}
+
+/// `/_sidecar/metrics`, for the public router or its own listener.
+fn metrics_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/_sidecar/metrics", get(telemetry::metrics))
+        .with_state(telemetry::metrics_handle())
+}
+
+/// The least time between the shutdown signal and closing sockets.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
+/// The shutdown sequence, driven by `phase`.
+async fn drain(
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    draining: Arc<AtomicBool>,
+    upstream: Arc<Upstream>,
+    hub: Hub,
+    phase: tokio::sync::watch::Sender<u8>,
+) {
+    shutdown.await;
+    let deadline = tokio::time::Instant::now() + grace;
+    draining.store(true, Ordering::SeqCst);
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining");
+    // Probes and Evolution's retries need a moment to see the 503s.
+    let linger = tokio::time::sleep(grace.min(DRAIN_LINGER));
+    let (calls_done, ()) = tokio::join!(upstream.drain(deadline), linger);
+    if !calls_done {
+        tracing::warn!("grace period ran out with upstream calls in flight");
+    }
+    if tokio::time::timeout(hub::CLOSE_TIMEOUT, hub.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("socket.io did not close all sockets in time");
+    }
+    let _ = phase.send(1);
+    tokio::time::sleep_until(deadline).await;
+    let _ = phase.send(2);
 }
 
 fn cors(config: &hub::Config) -> CorsLayer {

@@ -27,7 +27,9 @@ use socketioxide::{SocketIo, TransportType};
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{self, Secret, comma_list};
 use crate::envelope::{self, Envelope, InstanceName};
+use crate::telemetry::{NamespaceLabels, names};
 use crate::upstream::Upstream;
+use socketioxide::BroadcastError;
 
 /// Settings of the socket.io side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +124,44 @@ struct Shared {
     /// CONNECTs to a new namespace at once): broadcasts miss them, so they get events
     /// one by one. Normally empty.
     strays: Mutex<HashMap<String, Vec<SocketRef>>>,
+    /// Sockets per namespace and room, so a publish knows its delivery count
+    /// without listing sockets.
+    members: Mutex<HashMap<String, RoomCounts>>,
+    namespace_labels: NamespaceLabels,
+}
+
+#[derive(Default)]
+struct RoomCounts {
+    /// Sockets in [`ALL_ROOM`].
+    all: usize,
+    /// Sockets per filtered event (UPPER_SNAKE).
+    by_event: HashMap<String, usize>,
+}
+
+impl Shared {
+    fn count(&self, namespace: &str, session: &Session, delta: isize) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = members.entry(namespace.to_owned()).or_default();
+        let apply = |n: &mut usize| *n = n.saturating_add_signed(delta);
+        if session.filter.is_empty() {
+            apply(&mut counts.all);
+        } else {
+            for event in session.filter.iter() {
+                apply(counts.by_event.entry(event.clone()).or_default());
+            }
+            counts.by_event.retain(|_, n| *n > 0);
+        }
+        if counts.all == 0 && counts.by_event.is_empty() {
+            members.remove(namespace);
+        }
+    }
+
+    fn audience(&self, namespace: &str, upper_snake: &str) -> usize {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members.get(namespace).map_or(0, |counts| {
+            counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0)
+        })
+    }
 }
 
 /// A handle to the socket.io server. Cheap to clone.
@@ -146,6 +186,8 @@ impl Hub {
             auth,
             upstream,
             strays: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            namespace_labels: NamespaceLabels::default(),
         });
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
@@ -185,19 +227,44 @@ impl Hub {
         }
         let rooms = [ALL_ROOM.to_owned(), event_room(&upper)];
         let namespace = envelope.instance.namespace();
-        self.emit_to(&namespace, &rooms, envelope).await;
+        self.emit_to(&namespace, &rooms, &upper, envelope).await;
         if self.global_events {
-            self.emit_to("/", &rooms, envelope).await;
+            self.emit_to("/", &rooms, &upper, envelope).await;
         }
     }
 
-    async fn emit_to(&self, namespace: &str, rooms: &[String; 2], envelope: &Envelope) {
+    async fn emit_to(
+        &self,
+        namespace: &str,
+        rooms: &[String; 2],
+        upper: &str,
+        envelope: &Envelope,
+    ) {
         let event = envelope.event.as_str();
         let payload: &serde_json::value::RawValue = &envelope.payload;
+        let audience = self.shared.audience(namespace, upper);
+        if audience == 0 {
+            return;
+        }
+        let scope = if namespace == "/" {
+            "global"
+        } else {
+            "instance"
+        };
+        metrics::counter!(names::EVENTS_EMITTED, "scope" => scope).increment(1);
+        let mut dropped = 0;
         if let Some(operators) = self.io.of(namespace)
             && let Err(err) = operators.to(rooms.clone()).emit(event, payload).await
         {
-            tracing::warn!(ns = namespace, event, error = %err, "some sockets missed an event");
+            dropped = match &err {
+                BroadcastError::Socket(failures) => failures.len(),
+                _ => audience,
+            };
+            tracing::warn!(ns = namespace, event, dropped, error = %err, "slow consumers missed an event");
+        }
+        metrics::counter!(names::DELIVERIES).increment(audience.saturating_sub(dropped) as u64);
+        if dropped > 0 {
+            metrics::counter!(names::DELIVERY_DROPS).increment(dropped as u64);
         }
         let strays: Vec<SocketRef> = {
             let strays = self.shared.strays.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,9 +311,32 @@ enum ConnectError {
     BadFilter(String),
 }
 
+impl ConnectError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::BadNamespace => "bad_namespace",
+            ConnectError::Auth(err) => err.reason(),
+            ConnectError::Forbidden(_) => "forbidden_namespace",
+            ConnectError::BadFilter(_) => "bad_filter",
+        }
+    }
+}
+
 /// Connect middleware: who is this socket, and may it join this namespace?
 async fn authorize(
     socket: SocketRef,
+    auth_payload: TryData<Value>,
+    state: State<Arc<Shared>>,
+) -> Result<(), ConnectError> {
+    let result = admit(&socket, auth_payload, state).await;
+    if let Err(err) = &result {
+        metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => err.reason()).increment(1);
+    }
+    result
+}
+
+async fn admit(
+    socket: &SocketRef,
     TryData(auth_payload): TryData<Value>,
     State(shared): State<Arc<Shared>>,
 ) -> Result<(), ConnectError> {
@@ -283,6 +373,8 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
         let _ = socket.disconnect();
         return;
     };
+    // Counted before joining, so a concurrent publish never undercounts its audience.
+    shared.count(socket.ns(), &session, 1);
     if session.filter.is_empty() {
         socket.join(ALL_ROOM);
     } else {
@@ -294,6 +386,9 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
                 .collect::<Vec<_>>(),
         );
     }
+    metrics::gauge!(names::SOCKETS).increment(1.0);
+    let label = shared.namespace_labels.label(socket.ns());
+    metrics::gauge!(names::SOCKETS_BY_NAMESPACE, "namespace" => label).increment(1.0);
     tracing::debug!(
         sid = %socket.id,
         ns = socket.ns(),
@@ -325,6 +420,14 @@ async fn on_disconnect(
     State(shared): State<Arc<Shared>>,
 ) {
     tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
+    if let Some(session) = socket.extensions.get::<Session>() {
+        shared.count(socket.ns(), &session, -1);
+        metrics::gauge!(names::SOCKETS).decrement(1.0);
+        let label = shared.namespace_labels.label(socket.ns());
+        metrics::gauge!(names::SOCKETS_BY_NAMESPACE, "namespace" => label).decrement(1.0);
+        metrics::counter!(names::SOCKET_DISCONNECTS, "reason" => format!("{reason:?}"))
+            .increment(1);
+    }
     let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(list) = strays.get_mut(socket.ns()) {
         list.retain(|s| s.id != socket.id);

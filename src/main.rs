@@ -52,6 +52,8 @@ enum Command {
     Serve,
     /// Validate the configuration, print it with secrets masked, and exit
     CheckConfig,
+    /// Probe the local /_sidecar/readyz (for Docker's HEALTHCHECK); exit 0 when ready
+    Healthcheck,
 }
 
 impl Cli {
@@ -93,6 +95,41 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config),
+        Command::Healthcheck => healthcheck(&config),
+    }
+}
+
+fn healthcheck(config: &Config) -> ExitCode {
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/_sidecar/readyz");
+    let probe = async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(3))
+            .build()?;
+        client.get(&url).send().await.map(|r| r.status().as_u16())
+    };
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| err.to_string())
+        .and_then(|runtime| runtime.block_on(probe).map_err(|err| err.to_string()));
+    match status {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("evo-realtime: {url} answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("evo-realtime: {url}: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -122,6 +159,13 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let metrics_listener = match app.bind_metrics().await {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("evo-realtime: cannot listen for metrics: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
@@ -131,10 +175,14 @@ fn serve(config: Config) -> ExitCode {
             upstream = %config.upstream.base_url(),
             webhook_path = %config.webhook.path,
             global_events = config.hub.global_events,
+            metrics = %config.metrics_listen.map_or("/_sidecar/metrics".to_owned(), |a| a.to_string()),
             mode = "memory",
             "evo-realtime serving"
         );
-        match app.serve(listener, shutdown_signal()).await {
+        match app
+            .serve_with_metrics(listener, metrics_listener, shutdown_signal())
+            .await
+        {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS

@@ -127,8 +127,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The fallback handler: forward one request.
-pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Result<Response, Error> {
+/// The fallback handler: forward one request, and count the outcome.
+pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    let response = match send(&proxy, request).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(crate::telemetry::names::PROXY_REQUESTS, "status" => status).increment(1);
+    response
+}
+
+async fn send(proxy: &Proxy, request: Request) -> Result<Response, Error> {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

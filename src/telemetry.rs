@@ -1,16 +1,19 @@
-//! Logs and health: tracing setup, `/_sidecar/healthz` and `/_sidecar/readyz`.
+//! Logs, metrics and health: tracing setup, the Prometheus recorder and
+//! `/_sidecar/metrics`, `/_sidecar/healthz` and `/_sidecar/readyz`.
 //!
 //! Readiness means "the upstream Evolution API answers": checked at most once per
 //! [`READY_CACHE`] so probes never load it, and false at once while draining.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -101,4 +104,148 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
         let body = serde_json::json!({ "status": "unavailable", "upstream": "down" });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
+}
+
+// === Metrics ===
+
+/// Prometheus metric names: one place, so the README and the tests name the same series.
+pub mod names {
+    pub const WEBHOOKS: &str = "evo_webhooks_total";
+    pub const WEBHOOK_SECONDS: &str = "evo_webhook_ingest_seconds";
+    pub const EVENTS_EMITTED: &str = "evo_events_emitted_total";
+    pub const DELIVERIES: &str = "evo_deliveries_total";
+    pub const DELIVERY_DROPS: &str = "evo_delivery_drops_total";
+    pub const SOCKETS: &str = "evo_sockets_connected";
+    pub const SOCKETS_BY_NAMESPACE: &str = "evo_sockets_connected_by_namespace";
+    pub const SOCKET_DISCONNECTS: &str = "evo_socket_disconnects_total";
+    pub const HANDSHAKE_REJECTIONS: &str = "evo_handshake_rejections_total";
+    pub const UPSTREAM_CALLS: &str = "evo_upstream_calls_total";
+    pub const UPSTREAM_SECONDS: &str = "evo_upstream_call_seconds";
+    pub const PROXY_REQUESTS: &str = "evo_proxy_requests_total";
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            const LATENCY: &[f64] = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets(LATENCY)
+                .map_err(|err| tracing::warn!(error = %err, "metrics buckets"))
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// `GET /_sidecar/metrics`: Prometheus text.
+pub async fn metrics(State(handle): State<Option<PrometheusHandle>>) -> Response {
+    match handle {
+        Some(handle) => (
+            [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Evolution API 2.x events: the only values of the `event` label, so a credentialed
+/// sender cannot grow the series without bound.
+const KNOWN_EVENTS: &[&str] = &[
+    "application.startup",
+    "call",
+    "chats.delete",
+    "chats.set",
+    "chats.update",
+    "chats.upsert",
+    "connection.update",
+    "contacts.set",
+    "contacts.update",
+    "contacts.upsert",
+    "group-participants.update",
+    "groups.update",
+    "groups.upsert",
+    "instance.create",
+    "instance.delete",
+    "labels.association",
+    "labels.edit",
+    "logout.instance",
+    "messages.delete",
+    "messages.edit",
+    "messages.set",
+    "messages.update",
+    "messages.upsert",
+    "presence.update",
+    "qrcode.updated",
+    "remove.instance",
+    "send.message",
+    "typebot.change-status",
+    "typebot.start",
+];
+
+/// The `event` label of an event name: itself if Evolution knows it, else `other`.
+pub fn event_label(event: &str) -> &'static str {
+    KNOWN_EVENTS
+        .iter()
+        .find(|known| **known == event)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Namespaces that get their own label value; later ones share `other`.
+const MAX_NAMESPACE_LABELS: usize = 100;
+
+/// Bounded `namespace` label values for the per-namespace socket gauge.
+#[derive(Default)]
+pub struct NamespaceLabels(std::sync::Mutex<HashSet<String>>);
+
+impl NamespaceLabels {
+    pub fn label(&self, namespace: &str) -> String {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(namespace) {
+            return namespace.to_owned();
+        }
+        if seen.len() < MAX_NAMESPACE_LABELS {
+            seen.insert(namespace.to_owned());
+            return namespace.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+/// Middleware: a span per request carrying `request_id` (from `x-request-id`, else a
+/// counter), `method` and `path`. The query is never logged: it may hold `apikey=`.
+pub async fn request_span(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use std::sync::atomic::AtomicU64;
+    use tracing::Instrument;
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    next.run(request).instrument(span).await
 }
