@@ -226,7 +226,8 @@ impl NamespaceLabels {
 }
 
 /// Middleware: a span per request carrying `request_id` (from `x-request-id`, else a
-/// counter), `method` and `path`. The query is never logged: it may hold `apikey=`.
+/// counter), `method` and `path`. The path is the matched route where there is one (the
+/// webhook's path token must not be logged); the query is never logged (`apikey=`).
 pub async fn request_span(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -245,7 +246,10 @@ pub async fn request_span(
         "request",
         request_id = %request_id,
         method = %request.method(),
-        path = %request.uri().path(),
+        path = %request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or_else(|| request.uri().path(), |matched| matched.as_str()),
     );
     next.run(request).instrument(span).await
 }

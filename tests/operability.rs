@@ -1,0 +1,595 @@
+//! Health, metrics, logs, shutdown, the CLI and the deploy files: what an operator relies on.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use evo_realtime::config::ENV_VARS;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_evo-realtime");
+
+async fn get(url: &str) -> (u16, String) {
+    let response = http().get(url).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Polls `check` until it holds, with bounded patience.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_follow_the_upstream() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    assert_eq!(get(&app.url("/_sidecar/healthz")).await.0, 200);
+    let (status, body) = get(&app.url("/_sidecar/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["upstream"],
+        "up"
+    );
+
+    evolution.stop();
+    let url = app.url("/_sidecar/readyz");
+    eventually("readyz turns 503 once the upstream is gone", || async {
+        let (status, body) = get(&url).await;
+        status == 503 && body.contains(r#""upstream":"down""#)
+    })
+    .await;
+    assert_eq!(
+        get(&app.url("/_sidecar/healthz")).await.0,
+        200,
+        "liveness does not depend on it"
+    );
+
+    // The upstream comes back on the same port.
+    let _back = FakeEvolution::start_with(evolution.state.clone(), evolution.addr).await;
+    eventually("readyz recovers", || async { get(&url).await.0 == 200 }).await;
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_change_with_traffic() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let scrape = || async { get(&app.url("/_sidecar/metrics")).await.1 };
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "m",
+        &app.url("/metrics-ns"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    let before = scrape().await;
+
+    post_webhook(
+        &app.webhook_url(),
+        event_body("labels.edit", "metrics-ns", 1),
+    )
+    .await;
+    js.next_event("m").await;
+    post_webhook(&app.webhook_url(), "{").await;
+    let refused = js
+        .connect("bad", &app.url("/metrics-ns"), with_key("polling", "nope"))
+        .await;
+    assert_eq!(refused["type"], "connect_error");
+    js.emit_ack("m", "chat/findChats", vec![json!({})]).await;
+    http()
+        .get(app.url("/instance/fetchInstances"))
+        .header("apikey", "nope")
+        .send()
+        .await
+        .unwrap();
+
+    let after = scrape().await;
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!(
+        delta(r#"evo_webhooks_total{event="labels.edit",status="200"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(delta(r#"evo_webhooks_total{event="unknown",status="400"}"#) >= 1.0);
+    assert!(delta(r#"evo_events_emitted_total{scope="instance"}"#) >= 1.0);
+    assert!(delta("evo_deliveries_total") >= 1.0);
+    assert!(delta(r#"evo_handshake_rejections_total{reason="invalid_key"}"#) >= 1.0);
+    assert!(
+        delta(r#"evo_upstream_calls_total{route="/chat/findChats/{instance}",status="201"}"#)
+            >= 1.0
+    );
+    assert!(delta(r#"evo_proxy_requests_total{status="401"}"#) >= 1.0);
+    assert!(
+        metric(
+            &after,
+            r#"evo_sockets_connected_by_namespace{namespace="/metrics-ns"}"#
+        ) >= 1.0
+    );
+    for name in [
+        "evo_webhook_ingest_seconds_bucket",
+        "evo_upstream_call_seconds_bucket",
+        "evo_sockets_connected ",
+    ] {
+        assert!(after.contains(name), "{name} missing");
+    }
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_move_to_their_own_listener() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    config.metrics_listen = Some(free);
+    let app = evo_realtime::App::build(&config).unwrap();
+    let metrics_listener = app.bind_metrics().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.serve_with_metrics(listener, metrics_listener, async {
+        let _ = rx.await;
+    }));
+    assert_eq!(
+        get(&format!("http://{public}/_sidecar/metrics")).await.0,
+        404
+    );
+    let (status, body) = get(&format!("http://{free}/_sidecar/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE") || body.is_empty());
+    assert!(evolution.requests().is_empty(), "not proxied");
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(PATIENCE, handle).await;
+}
+
+// === The real binary ===
+
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn run_binary(envs: &[(&str, String)]) -> Running {
+    let addr = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("SIDECAR_LISTEN", addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let child = command.spawn().unwrap();
+    let url = format!("http://{addr}/_sidecar/healthz");
+    eventually("the binary serves", || async {
+        http()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    Running { child, addr }
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit and returns the code and everything logged.
+    async fn finish(mut self) -> (Option<i32>, String) {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        let mut logs = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut logs)
+            .await
+            .unwrap();
+        (status.code(), logs)
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_finishes_in_flight_calls_and_exits_zero() {
+    let evolution = FakeEvolution::start().await;
+    evolution.state.delay_ms.store(1500, Ordering::SeqCst);
+    let binary = run_binary(&[
+        ("SIDECAR_UPSTREAM_URL", evolution.url()),
+        ("AUTHENTICATION_API_KEY", GLOBAL_KEY.into()),
+        ("SIDECAR_SHUTDOWN_GRACE_SECS", "5".into()),
+    ])
+    .await;
+    let mut js = JsDriver::start().await;
+    js.connect("c", &binary.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    let call = js
+        .start_emit(
+            "c",
+            "message/sendText",
+            vec![json!({"number": "1", "text": "in flight"})],
+        )
+        .await;
+    eventually("the call reached the upstream", || async {
+        !evolution.requests().is_empty()
+    })
+    .await;
+
+    let started = Instant::now();
+    binary.terminate();
+    let ready = binary.url("/_sidecar/readyz");
+    eventually("readyz turns 503", || async { get(&ready).await.0 == 503 }).await;
+    let (status, body) = post_webhook(
+        &binary.url("/_sidecar/webhook"),
+        event_body("call", "acme", 1),
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "new webhooks are refused so Evolution retries: {body}"
+    );
+
+    let ack = js.wait_ack(call).await;
+    assert_eq!(
+        ack[0]["status"], 201,
+        "the in-flight call completed and was acked: {ack}"
+    );
+    // The transport is closed (not a namespace DISCONNECT), so socket.io-client reconnects
+    // on its own, to another replica during a rolling deploy.
+    let disconnect = js
+        .wait(|r| r["id"] == "c" && r["type"] == "disconnect")
+        .await;
+    assert_eq!(
+        disconnect["reason"], "transport close",
+        "sockets are closed cleanly"
+    );
+    let (code, logs) = binary.finish().await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the grace time: {:?}",
+        started.elapsed()
+    );
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn json_logs_carry_no_secret() {
+    let evolution = FakeEvolution::start().await;
+    let jwt_secret = "jwt-secret-never-logged";
+    let path_token = "path-token-never-logged";
+    let binary = run_binary(&[
+        ("SIDECAR_UPSTREAM_URL", evolution.url()),
+        ("AUTHENTICATION_API_KEY", GLOBAL_KEY.into()),
+        ("SIDECAR_WEBHOOK_JWT_SECRET", jwt_secret.into()),
+        ("SIDECAR_WEBHOOK_PATH_TOKEN", path_token.into()),
+        ("SIDECAR_LOG_FORMAT", "json".into()),
+        ("RUST_LOG", "debug".into()),
+    ])
+    .await;
+    let mut js = JsDriver::start().await;
+    js.connect("g", &binary.url("/acme"), with_key("polling", GLOBAL_KEY))
+        .await;
+    js.connect("t", &binary.url("/acme"), with_key("websocket", ACME_TOKEN))
+        .await;
+    js.connect(
+        "w",
+        &binary.url("/acme"),
+        with_key("websocket", "wrong-key-never-logged"),
+    )
+    .await;
+    js.emit_ack("t", "message/sendText", vec![json!({"number": "1"})])
+        .await;
+    let jwt = evolution_jwt(jwt_secret, 0);
+    let response = http()
+        .post(binary.url("/_sidecar/webhook"))
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("content-type", "application/json")
+        .body(event_body("call", "acme", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, _) =
+        post_webhook(&binary.url(&format!("/_sidecar/webhook/{path_token}")), "{").await;
+    assert_eq!(status, 400);
+    http()
+        .get(binary.url(&format!("/x?apikey={GLOBAL_KEY}")))
+        .send()
+        .await
+        .unwrap();
+    js.shutdown().await;
+
+    binary.terminate();
+    let (code, logs) = binary.finish().await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 5, "debug logs were written: {logs}");
+    for line in &lines {
+        let parsed: Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(
+            parsed["level"].is_string() && parsed["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        logs.contains("webhook accepted"),
+        "one line per webhook at debug"
+    );
+    assert!(logs.contains("request_id"), "lines carry request ids");
+    for secret in [
+        GLOBAL_KEY,
+        ACME_TOKEN,
+        "wrong-key-never-logged",
+        jwt_secret,
+        path_token,
+        jwt.as_str(),
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_good_and_bad() {
+    let output = std::process::Command::new(BINARY)
+        .arg("check-config")
+        .env_clear()
+        .env("AUTHENTICATION_API_KEY", "very-secret")
+        .env("SIDECAR_EVENTS", "MESSAGES_UPSERT,CALL")
+        .env("WEBSOCKET_GLOBAL_EVENTS", "true")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        printed.contains(r#"events = ["#) && printed.contains("MESSAGES_UPSERT"),
+        "{printed}"
+    );
+    assert!(printed.contains("global_events = true"));
+    assert!(printed.contains(r#"api_key = "***""#));
+    assert!(!printed.contains("very-secret"));
+
+    for (name, value, expected) in [
+        (
+            "SIDECAR_LISTEN",
+            "not-an-address",
+            "SIDECAR_LISTEN=\"not-an-address\" is not valid",
+        ),
+        (
+            "SIDECAR_MAX_BODY_BYTES",
+            "lots",
+            "SIDECAR_MAX_BODY_BYTES=\"lots\" is not valid",
+        ),
+        (
+            "SIDECAR_WEBHOOK_SECRET",
+            "",
+            "SIDECAR_WEBHOOK_SECRET (webhook.secret)",
+        ),
+    ] {
+        let output = std::process::Command::new(BINARY)
+            .arg("check-config")
+            .env_clear()
+            .env(name, value)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{name}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    // Flags beat the environment, which beats the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:1111\"\n[hub]\ncors_origin = [\"https://file.example\"]\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:3333", "check-config"])
+        .env_clear()
+        .env("SIDECAR_CONFIG", &file)
+        .env("SIDECAR_LISTEN", "127.0.0.1:2222")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        printed.contains(r#"listen = "127.0.0.1:3333""#),
+        "{printed}"
+    );
+    assert!(printed.contains("https://file.example"), "{printed}");
+}
+
+#[test]
+fn help_lists_every_flag_with_its_environment_name() {
+    let output = std::process::Command::new(BINARY)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for needle in [
+        "--config",
+        "SIDECAR_CONFIG",
+        "--listen",
+        "SIDECAR_LISTEN",
+        "--upstream-url",
+        "SIDECAR_UPSTREAM_URL",
+        "--webhook-path",
+        "SIDECAR_WEBHOOK_PATH",
+        "--global-events",
+        "WEBSOCKET_GLOBAL_EVENTS",
+        "--events",
+        "SIDECAR_EVENTS",
+        "--cors-origin",
+        "CORS_ORIGIN",
+        "--log-format",
+        "SIDECAR_LOG_FORMAT",
+        "check-config",
+        "healthcheck",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}");
+    }
+    let version = std::process::Command::new(BINARY)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8(version.stdout)
+            .unwrap()
+            .starts_with("evo-realtime ")
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_probes_readyz() {
+    let evolution = FakeEvolution::start().await;
+    let binary = run_binary(&[("SIDECAR_UPSTREAM_URL", evolution.url())]).await;
+    // tokio's Command: the fake upstream runs on this runtime and must keep answering.
+    let probe = |listen: String| async move {
+        Command::new(BINARY)
+            .arg("healthcheck")
+            .env_clear()
+            .env("SIDECAR_LISTEN", listen)
+            .output()
+            .await
+            .unwrap()
+            .status
+    };
+    assert!(probe(binary.addr.to_string()).await.success());
+    assert!(
+        !probe(free_port().to_string()).await.success(),
+        "nothing listens there"
+    );
+    binary.terminate();
+    binary.finish().await;
+}
+
+/// Every `SIDECAR_*` name given to the evo-realtime container or service in `deploy/`
+/// exists in the configuration, so the deploy files cannot drift from the code.
+#[test]
+fn deploy_files_use_only_known_settings() {
+    let known: BTreeSet<&str> = ENV_VARS
+        .iter()
+        .map(|var| var.name)
+        .chain(["SIDECAR_CONFIG"])
+        .collect();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut files = vec![dir.join("docker-compose.yml")];
+    for entry in std::fs::read_dir(dir.join("kubernetes")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for document in serde_norway::Deserializer::from_str(&text) {
+            let value: Value = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|err| panic!("{}: not valid YAML: {err}", file.display()));
+            for name in sidecar_env_names(&value) {
+                assert!(
+                    known.contains(name.as_str()),
+                    "{}: unknown setting {name}",
+                    file.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 6,
+        "the sidecar's environment was found ({checked} names)"
+    );
+    let env_example = std::fs::read_to_string(dir.join(".env.example")).unwrap();
+    for line in env_example.lines().filter(|l| l.starts_with("SIDECAR_")) {
+        let name = line.split('=').next().unwrap();
+        assert!(known.contains(name), ".env.example: unknown setting {name}");
+    }
+}
+
+/// The environment names of every container or compose service whose image or name is evo-realtime.
+fn sidecar_env_names(value: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut stack = vec![value];
+    while let Some(node) = stack.pop() {
+        match node {
+            Value::Object(map) => {
+                let is_sidecar = ["name", "image", "container_name"].iter().any(|k| {
+                    map.get(*k)
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| s.contains("evo-realtime"))
+                }) || map.get("build").is_some();
+                if is_sidecar {
+                    match map.get("env").or_else(|| map.get("environment")) {
+                        Some(Value::Array(items)) => names.extend(
+                            items
+                                .iter()
+                                .filter_map(|item| {
+                                    item.get("name")
+                                        .and_then(Value::as_str)
+                                        .or_else(|| item.as_str())
+                                })
+                                .map(|s| s.split('=').next().unwrap_or(s).to_owned()),
+                        ),
+                        Some(Value::Object(map)) => names.extend(map.keys().cloned()),
+                        _ => {}
+                    }
+                }
+                stack.extend(map.values());
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    names.retain(|name| name.starts_with("SIDECAR_"));
+    names
+}
