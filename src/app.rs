@@ -26,6 +26,7 @@ use crate::auth::{self, Authenticator};
 use crate::config::{self, Config};
 use crate::hub::{self, Hub};
 use crate::proxy::{self, Proxy};
+use crate::replay;
 use crate::telemetry::{self, Health};
 use crate::upstream::Upstream;
 use crate::webhook::{self, Webhook};
@@ -37,6 +38,7 @@ pub struct App {
     metrics_router: Option<(SocketAddr, Router)>,
     hub: Hub,
     upstream: Arc<Upstream>,
+    replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
     grace: Duration,
 }
@@ -51,7 +53,9 @@ impl App {
             config.upstream.base_url(),
         )?);
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
-        let (socketio_layer, hub) = Hub::build(&config.hub, auth.clone(), upstream.clone())?;
+        let replay = replay::Store::new(&config.replay)?;
+        let (socketio_layer, hub) =
+            Hub::build(&config.hub, auth.clone(), upstream.clone(), replay.clone())?;
         let webhook = Arc::new(Webhook::new(
             &config.webhook,
             hub.clone(),
@@ -109,6 +113,7 @@ impl App {
             metrics_router,
             hub,
             upstream,
+            replay,
             draining,
             grace: Duration::from_secs(config.shutdown_grace_secs),
         })
@@ -153,6 +158,7 @@ impl App {
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        replay::spawn_sweeper(&self.replay);
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tokio::spawn(drain(

@@ -19,7 +19,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{auth, hub, telemetry, upstream, webhook};
+use crate::{auth, hub, replay, telemetry, upstream, webhook};
 
 pub const ENV_CONFIG: &str = "SIDECAR_CONFIG";
 pub const ENV_LISTEN: &str = "SIDECAR_LISTEN";
@@ -47,6 +47,11 @@ pub const ENV_WEBHOOK_READ_TIMEOUT_SECS: &str = "SIDECAR_WEBHOOK_READ_TIMEOUT_SE
 pub const ENV_LOG_FORMAT: &str = "SIDECAR_LOG_FORMAT";
 pub const ENV_SHUTDOWN_GRACE_SECS: &str = "SIDECAR_SHUTDOWN_GRACE_SECS";
 pub const ENV_METRICS_LISTEN: &str = "SIDECAR_METRICS_LISTEN";
+pub const ENV_REPLAY_MAX_EVENTS: &str = "SIDECAR_REPLAY_MAX_EVENTS";
+pub const ENV_REPLAY_MAX_AGE_SECS: &str = "SIDECAR_REPLAY_MAX_AGE_SECS";
+pub const ENV_REPLAY_MAX_BYTES: &str = "SIDECAR_REPLAY_MAX_BYTES";
+pub const ENV_REPLAY_MAX_TOTAL_BYTES: &str = "SIDECAR_REPLAY_MAX_TOTAL_BYTES";
+pub const ENV_DEDUPE_WINDOW_SECS: &str = "SIDECAR_DEDUPE_WINDOW_SECS";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +107,11 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_WEBHOOK_ALLOWED_CIDRS, "webhook.allowed_cidrs"),
     var(ENV_MAX_BODY_BYTES, "webhook.max_body_bytes"),
     var(ENV_WEBHOOK_READ_TIMEOUT_SECS, "webhook.read_timeout_secs"),
+    var(ENV_DEDUPE_WINDOW_SECS, "webhook.dedupe_window_secs"),
+    var(ENV_REPLAY_MAX_EVENTS, "replay.max_events"),
+    var(ENV_REPLAY_MAX_AGE_SECS, "replay.max_age_secs"),
+    var(ENV_REPLAY_MAX_BYTES, "replay.max_bytes"),
+    var(ENV_REPLAY_MAX_TOTAL_BYTES, "replay.max_total_bytes"),
 ];
 
 /// The whole configuration, one section per concern.
@@ -120,6 +130,7 @@ pub struct Config {
     pub auth: auth::Config,
     pub hub: hub::Config,
     pub webhook: webhook::Config,
+    pub replay: replay::Config,
 }
 
 impl Default for Config {
@@ -133,6 +144,7 @@ impl Default for Config {
             auth: auth::Config::default(),
             hub: hub::Config::default(),
             webhook: webhook::Config::default(),
+            replay: replay::Config::default(),
         }
     }
 }
@@ -184,6 +196,7 @@ impl Config {
         self.upstream.validate()?;
         self.hub.validate()?;
         self.webhook.validate()?;
+        self.replay.validate()?;
         Ok(())
     }
 

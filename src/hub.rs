@@ -27,6 +27,7 @@ use socketioxide::{SocketIo, TransportType};
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{self, Secret, comma_list};
 use crate::envelope::{self, Envelope, InstanceName};
+use crate::replay;
 use crate::telemetry::{NamespaceLabels, names};
 use crate::upstream::Upstream;
 use socketioxide::BroadcastError;
@@ -94,6 +95,8 @@ impl Config {
     }
 }
 
+mod delivery;
+
 /// The room of sockets that receive every event.
 pub const ALL_ROOM: &str = "*";
 
@@ -114,11 +117,26 @@ pub struct Session {
     pub filter: Arc<[String]>,
     /// Emits being forwarded now, bounded by `upstream.max_in_flight`.
     pub in_flight: Arc<AtomicUsize>,
+    /// `Some` when the client opted in to recovery: the last offset it saw, `""` for "from
+    /// now on". Such sockets get trailing offsets and are served by `delivery`, not rooms.
+    pub resume: Option<String>,
+    /// Send the instance's state (last `connection.update`, fresh `qrcode.updated`) on join.
+    pub snapshot: bool,
+    /// Signalled on disconnect, to stop this socket's delivery task.
+    pub gone: Arc<tokio::sync::Notify>,
+}
+
+impl Session {
+    /// Whether this socket wants an event (UPPER_SNAKE).
+    pub fn wants(&self, upper_snake: &str) -> bool {
+        self.filter.is_empty() || self.filter.iter().any(|e| e == upper_snake)
+    }
 }
 
 /// State shared by every socket handler.
 struct Shared {
     auth: Arc<Authenticator>,
+    replay: Arc<replay::Store>,
     upstream: Arc<Upstream>,
     /// Sockets whose namespace lost a creation race inside socketioxide (two first
     /// CONNECTs to a new namespace at once): broadcasts miss them, so they get events
@@ -180,10 +198,12 @@ impl Hub {
         config: &Config,
         auth: Arc<Authenticator>,
         upstream: Arc<Upstream>,
+        replay: Arc<replay::Store>,
     ) -> Result<(SocketIoLayer, Hub), config::Error> {
         config.validate()?;
         let shared = Arc::new(Shared {
             auth,
+            replay,
             upstream,
             strays: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
@@ -233,6 +253,8 @@ impl Hub {
         }
     }
 
+    /// Retains the event in `namespace`'s log, then broadcasts it to the rooms of sockets
+    /// that did not opt in to recovery (opted-in ones read the log: `delivery`).
     async fn emit_to(
         &self,
         namespace: &str,
@@ -240,12 +262,19 @@ impl Hub {
         upper: &str,
         envelope: &Envelope,
     ) {
-        let event = envelope.event.as_str();
-        let payload: &serde_json::value::RawValue = &envelope.payload;
+        let log = self.shared.replay.log(namespace);
+        // Append and broadcast under the gate: a socket being brought up to date sees the
+        // event either in its state or live, never both and never neither.
+        let _gate = log.gate.lock().await;
+        log.append(envelope);
+        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
+
         let audience = self.shared.audience(namespace, upper);
         if audience == 0 {
             return;
         }
+        let event = envelope.event.as_str();
+        let payload: &serde_json::value::RawValue = &envelope.payload;
         let scope = if namespace == "/" {
             "global"
         } else {
@@ -309,6 +338,8 @@ enum ConnectError {
     Forbidden(String),
     #[error("invalid event filter {0:?}")]
     BadFilter(String),
+    #[error("offset must be a string")]
+    BadOffset,
 }
 
 impl ConnectError {
@@ -318,6 +349,7 @@ impl ConnectError {
             ConnectError::Auth(err) => err.reason(),
             ConnectError::Forbidden(_) => "forbidden_namespace",
             ConnectError::BadFilter(_) => "bad_filter",
+            ConnectError::BadOffset => "bad_offset",
         }
     }
 }
@@ -356,36 +388,35 @@ async fn admit(
         return Err(ConnectError::Forbidden(namespace));
     }
     let filter = parse_filter(socket.req_parts(), auth_payload.as_ref())?;
+    let field = |name: &str| auth_payload.as_ref().and_then(|p| p.get(name));
+    let resume = match field("offset") {
+        None => None,
+        Some(Value::Null) => Some(String::new()),
+        Some(Value::String(offset)) => Some(offset.clone()),
+        Some(_) => return Err(ConnectError::BadOffset),
+    };
     socket.extensions.insert(Session {
         principal,
         key: Secret::new(key),
         instance,
         filter: filter.into(),
         in_flight: Arc::new(AtomicUsize::new(0)),
+        resume,
+        snapshot: field("snapshot").and_then(Value::as_bool).unwrap_or(false),
+        gone: Arc::new(tokio::sync::Notify::new()),
     });
     Ok(())
 }
 
-/// A socket joined: subscribe it to its rooms and route its emits upstream.
+/// A socket joined: route its emits upstream, then bring it up to date and subscribe it.
 async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Shared>>) {
     let Some(session) = socket.extensions.get::<Session>() else {
         // Unreachable: `authorize` runs first. Refuse rather than serve unauthenticated.
         let _ = socket.disconnect();
         return;
     };
-    // Counted before joining, so a concurrent publish never undercounts its audience.
-    shared.count(socket.ns(), &session, 1);
-    if session.filter.is_empty() {
-        socket.join(ALL_ROOM);
-    } else {
-        socket.join(
-            session
-                .filter
-                .iter()
-                .map(|e| event_room(e))
-                .collect::<Vec<_>>(),
-        );
-    }
+    socket.on_fallback(on_emit);
+    socket.on_disconnect(on_disconnect);
     metrics::gauge!(names::SOCKETS).increment(1.0);
     let label = shared.namespace_labels.label(socket.ns());
     metrics::gauge!(names::SOCKETS_BY_NAMESPACE, "namespace" => label).increment(1.0);
@@ -394,8 +425,42 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
         ns = socket.ns(),
         principal = %session.principal.label(),
         websocket = socket.transport_type() == TransportType::Websocket,
+        opted_in = session.resume.is_some(),
         "socket connected"
     );
+
+    let log = shared.replay.log(socket.ns());
+    if session.resume.is_some() {
+        let epoch = shared.replay.epoch().to_owned();
+        tokio::spawn(delivery::run(socket.clone(), session, log, epoch));
+        return;
+    }
+
+    // Counted before joining, so a concurrent publish never undercounts its audience.
+    shared.count(socket.ns(), &session, 1);
+    {
+        let _gate = log.gate.lock().await;
+        if session.snapshot {
+            for entry in log
+                .state()
+                .into_iter()
+                .filter(|e| session.wants(&e.upper_snake))
+            {
+                let _ = socket.emit(entry.event.as_str(), &*entry.payload);
+            }
+        }
+        if session.filter.is_empty() {
+            socket.join(ALL_ROOM);
+        } else {
+            socket.join(
+                session
+                    .filter
+                    .iter()
+                    .map(|e| event_room(e))
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
 
     let registered = io
         .of(socket.ns())
@@ -409,9 +474,6 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
             .or_default()
             .push(socket.clone());
     }
-
-    socket.on_fallback(on_emit);
-    socket.on_disconnect(on_disconnect);
 }
 
 async fn on_disconnect(
@@ -421,7 +483,10 @@ async fn on_disconnect(
 ) {
     tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
     if let Some(session) = socket.extensions.get::<Session>() {
-        shared.count(socket.ns(), &session, -1);
+        session.gone.notify_one();
+        if session.resume.is_none() {
+            shared.count(socket.ns(), &session, -1);
+        }
         metrics::gauge!(names::SOCKETS).decrement(1.0);
         let label = shared.namespace_labels.label(socket.ns());
         metrics::gauge!(names::SOCKETS_BY_NAMESPACE, "namespace" => label).decrement(1.0);

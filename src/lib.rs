@@ -14,6 +14,8 @@
 //! - [`auth`]: API key → principal, cached upstream lookup, handshake check.
 //! - [`upstream`]: client emits → Evolution REST, with acks.
 //! - [`proxy`]: everything else, streamed to Evolution API.
+//! - [`replay`]: retained events per namespace, offsets, state for late joiners.
+//! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
 //! - [`telemetry`]: logs and health.
 //! - [`app`]: the router, its layer order, and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -21,9 +23,11 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod dedupe;
 pub mod envelope;
 pub mod hub;
 pub mod proxy;
+pub mod replay;
 pub mod telemetry;
 pub mod upstream;
 pub mod webhook;

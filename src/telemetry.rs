@@ -122,6 +122,11 @@ pub mod names {
     pub const UPSTREAM_CALLS: &str = "evo_upstream_calls_total";
     pub const UPSTREAM_SECONDS: &str = "evo_upstream_call_seconds";
     pub const PROXY_REQUESTS: &str = "evo_proxy_requests_total";
+    pub const RECOVERIES: &str = "evo_recoveries_total";
+    pub const REPLAYED: &str = "evo_replayed_events_total";
+    pub const SLOW_CONSUMER_DISCONNECTS: &str = "evo_slow_consumer_disconnects_total";
+    pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
+    pub const RETAINED_BYTES: &str = "evo_retained_bytes";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

@@ -2,7 +2,7 @@
 //!
 //! The hot path is [`ingest`], top to bottom: draining check → path (token, suffix) →
 //! size and type → credentials → read body (bounded) → [`Envelope`] → suffix check →
-//! `hub.publish` → 200. This module knows nothing of sockets.
+//! dedupe → `hub.publish` (retains, then broadcasts) → 200. This module knows nothing of sockets.
 //!
 //! Evolution never retries 400/401/403/404/422 and retries everything else, so each
 //! failure maps to exactly one status ([`Error::status`]):
@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::config::{self, Secret, comma_list};
+use crate::dedupe::{self, Dedupe};
 use crate::envelope::{self, Envelope};
 use crate::hub::Hub;
 use crate::telemetry::{self, names};
@@ -61,6 +62,9 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// A body that stops arriving is cut off after this long.
     pub read_timeout_secs: u64,
+    /// An identical body within this window (refreshed on each repeat) is a retry of an
+    /// accepted event: answered 200 and not emitted again. 0 turns deduplication off.
+    pub dedupe_window_secs: u64,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             allowed_cidrs: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
             max_body_bytes: 64 * 1024 * 1024,
             read_timeout_secs: 30,
+            dedupe_window_secs: 1200,
         }
     }
 }
@@ -229,6 +234,7 @@ pub struct Webhook {
     cidrs: Vec<IpNet>,
     jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
     hub: Hub,
+    dedupe: Dedupe,
     draining: Arc<AtomicBool>,
 }
 
@@ -258,6 +264,7 @@ impl Webhook {
             config: config.clone(),
             jwt,
             hub,
+            dedupe: Dedupe::new(Duration::from_secs(config.dedupe_window_secs)),
             draining,
         })
     }
@@ -321,7 +328,15 @@ async fn accept(
         }
     }
 
-    // Stage 7: hand over; publishing never waits for a socket.
+    // Stage 7: a retry of an accepted event is acknowledged, not emitted again.
+    if webhook.dedupe.seen(dedupe::fingerprint(&body)) {
+        metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
+        tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
+        return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());
+    }
+
+    // Stage 8: retain and hand over; the 200 comes after the event is retained, and
+    // publishing never waits for a socket.
     webhook.hub.publish(&envelope).await;
     tracing::debug!(
         instance = %envelope.instance,

@@ -114,7 +114,12 @@ async fn by_events_urls_with_and_without_path_token() {
     js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
         .await;
 
-    let body = || event_body("messages.upsert", "acme", 7);
+    // Distinct bodies: an identical one would be recognized as a retry and not emitted.
+    let mut n = 0;
+    let mut body = || {
+        n += 1;
+        event_body("messages.upsert", "acme", n)
+    };
     let base = app.webhook_url();
     // With the token (Evolution's global webhook), with and without a by-events suffix,
     // and with the doubled slash a trailing '/' in WEBHOOK_GLOBAL_URL produces.

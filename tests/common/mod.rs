@@ -92,8 +92,19 @@ pub async fn spawn_app(config: Config) -> TestApp {
     }
 }
 
+/// One client for the whole test binary: building one per call costs milliseconds.
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        // No pooling: a pooled connection belongs to the runtime of the test that opened it.
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .no_proxy()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap()
+        })
+        .clone()
 }
 
 /// POSTs a webhook body (JSON text) and returns status and body.
@@ -396,6 +407,62 @@ impl JsDriver {
     pub async fn open(&mut self, id: &str, url: &str, opts: Value) {
         self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts}))
             .await;
+    }
+
+    /// Opens a client that opts in to recovery: `auth` gets `offset` (the last one seen,
+    /// `""` at first), re-evaluated at every reconnect.
+    pub async fn open_recovering(&mut self, id: &str, url: &str, opts: Value) {
+        self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts, "recover": true}))
+            .await;
+    }
+
+    /// Like [`Self::open_recovering`], starting from a given offset.
+    pub async fn open_from(&mut self, id: &str, url: &str, opts: Value, offset: &str) {
+        self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts, "recover": offset}))
+            .await;
+    }
+
+    /// A quiet, recovering client: it counts `data.n` of its events instead of reporting them.
+    pub async fn open_counting(&mut self, id: &str, url: &str, opts: Value) {
+        self.send(json!({"op": "connect", "id": id, "url": url, "opts": opts, "recover": true, "quiet": true}))
+            .await;
+    }
+
+    /// What a quiet client counted: `count`, `unique`, `ordered`, `recoveries`, `connects`.
+    pub async fn summary(&mut self, id: &str) -> Value {
+        self.send(json!({"op": "summary", "id": id})).await;
+        let id = id.to_owned();
+        self.wait(move |r| r["id"] == id && r["type"] == "summary")
+            .await
+    }
+
+    /// Drops a client's transport; with `reconnection: true` it comes back by itself.
+    pub async fn blink(&mut self, id: &str) {
+        self.send(json!({"op": "blink", "id": id})).await;
+        let id = id.to_owned();
+        self.wait(move |r| r["id"] == id && r["type"] == "blinked")
+            .await;
+    }
+
+    pub async fn churn(&mut self, id: &str, min_ms: u64, max_ms: u64) {
+        self.send(json!({"op": "churn", "id": id, "min": min_ms, "max": max_ms}))
+            .await;
+    }
+
+    pub async fn stop_churn(&mut self, id: &str) {
+        self.send(json!({"op": "stop_churn", "id": id})).await;
+    }
+
+    /// Takes every report received so far for which `matches` holds (none are awaited).
+    pub fn drain_matching(&mut self, matches: impl Fn(&Value) -> bool) -> Vec<Value> {
+        while let Ok(report) = self.reports.try_recv() {
+            self.pending.push(report);
+        }
+        let (taken, kept): (Vec<Value>, Vec<Value>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|r| matches(r));
+        self.pending = kept;
+        taken
     }
 
     /// Opens a client and waits until it is connected or refused; returns the report.

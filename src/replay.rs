@@ -1,0 +1,368 @@
+//! Retained events, so a client that blinks can recover what it missed.
+//!
+//! Every namespace (`/<instance>` and `/`) has a [`NamespaceLog`]: its recent events, each
+//! with a sequence number, bounded by count, age and bytes (per namespace and in total).
+//! An offset, as clients see it, is `<epoch>-<seq>`: the epoch changes at every start in
+//! memory mode, so offsets from before a restart are recognized as unknown.
+//!
+//! The log also keeps the instance's state for late joiners: its last `connection.update`
+//! and its last `qrcode.updated`.
+//!
+//! Eviction is amortized: each append pops what fell out of the bounds from the front of
+//! that namespace's queue; the total bound evicts the globally oldest entries. A sweeper
+//! (owned by the app, stopped when it drops) applies the age bound to idle namespaces.
+//! This module knows nothing of sockets or HTTP.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::config;
+use crate::envelope::{Envelope, EventName};
+
+/// Retention bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Events retained per namespace.
+    pub max_events: usize,
+    /// How long an event is retained.
+    pub max_age_secs: u64,
+    /// Payload bytes retained per namespace.
+    pub max_bytes: u64,
+    /// Payload bytes retained across all namespaces.
+    pub max_total_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_events: 10_000,
+            max_age_secs: 600,
+            max_bytes: 64 * 1024 * 1024,
+            max_total_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), config::Error> {
+        if self.max_events == 0 {
+            return Err(config::invalid("replay.max_events", &0, "must be positive"));
+        }
+        if self.max_bytes > self.max_total_bytes {
+            return Err(config::invalid(
+                "replay.max_bytes",
+                &self.max_bytes,
+                "must not exceed replay.max_total_bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How long a `qrcode.updated` stays part of the state shown to late joiners.
+const QRCODE_FRESHNESS: Duration = Duration::from_secs(60);
+
+/// One retained event.
+#[derive(Debug)]
+pub struct Entry {
+    pub seq: u64,
+    pub event: EventName,
+    /// The UPPER_SNAKE form, for filters.
+    pub upper_snake: String,
+    pub payload: Arc<RawValue>,
+    pub offset: String,
+    at: Instant,
+}
+
+impl Entry {
+    fn bytes(&self) -> u64 {
+        (self.payload.get().len() + self.offset.len() + std::mem::size_of::<Entry>()) as u64
+    }
+}
+
+/// Where a resuming client starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// False when events after the offset may be missing: the offset is unknown, from another
+    /// epoch, or older than retention.
+    pub recovered: bool,
+    /// Deliver the retained events whose sequence is greater than this.
+    pub after: u64,
+}
+
+/// The retained events of one namespace.
+pub struct NamespaceLog {
+    inner: Mutex<LogInner>,
+    /// The newest sequence number, for the delivery tasks of opted-in sockets.
+    head: watch::Sender<u64>,
+    /// Held while an event is appended and broadcast, and while a socket is brought up to
+    /// date (state, then rooms), so neither sees half of the other.
+    pub gate: tokio::sync::Mutex<()>,
+    store: Weak<Store>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    entries: VecDeque<Arc<Entry>>,
+    next_seq: u64,
+    bytes: u64,
+    /// The highest sequence number evicted: resuming from below it is a gap.
+    evicted_through: u64,
+    last_connection_update: Option<Arc<Entry>>,
+    last_qrcode: Option<Arc<Entry>>,
+}
+
+/// All namespaces' logs.
+pub struct Store {
+    config: Config,
+    epoch: String,
+    logs: Mutex<HashMap<String, Arc<NamespaceLog>>>,
+    total_bytes: AtomicU64,
+}
+
+impl Store {
+    pub fn new(config: &Config) -> Result<Arc<Self>, config::Error> {
+        config.validate()?;
+        Ok(Arc::new(Self {
+            config: config.clone(),
+            epoch: new_epoch(),
+            logs: Mutex::new(HashMap::new()),
+            total_bytes: AtomicU64::new(0),
+        }))
+    }
+
+    /// This process's epoch, the first part of every offset.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The log of `namespace`, created on first use.
+    pub fn log(self: &Arc<Self>, namespace: &str) -> Arc<NamespaceLog> {
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.entry(namespace.to_owned())
+            .or_insert_with(|| {
+                Arc::new(NamespaceLog {
+                    inner: Mutex::new(LogInner {
+                        next_seq: 1,
+                        ..LogInner::default()
+                    }),
+                    head: watch::channel(0).0,
+                    gate: tokio::sync::Mutex::new(()),
+                    store: Arc::downgrade(self),
+                })
+            })
+            .clone()
+    }
+
+    /// Bytes retained across all namespaces.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Applies the age bound everywhere, and forgets empty logs nobody holds.
+    pub fn sweep(&self) {
+        let logs: Vec<(String, Arc<NamespaceLog>)> = {
+            let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+            logs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let now = Instant::now();
+        for (_, log) in &logs {
+            let mut inner = log.lock();
+            self.evict(&mut inner, now, 0);
+        }
+        let mut map = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, log| {
+            // Ours, plus the clone in `logs` above: nobody else holds it.
+            let idle = Arc::strong_count(log) <= 2 && log.head.receiver_count() == 0;
+            let inner = log.lock();
+            !(idle
+                && inner.entries.is_empty()
+                && inner.last_connection_update.is_none()
+                && inner.last_qrcode.is_none())
+        });
+    }
+
+    /// Pops entries that break the per-namespace bounds; `incoming` bytes are about to be added.
+    fn evict(&self, inner: &mut LogInner, now: Instant, incoming: u64) {
+        let max_age = Duration::from_secs(self.config.max_age_secs);
+        while let Some(front) = inner.entries.front() {
+            let too_many =
+                inner.entries.len() >= self.config.max_events + usize::from(incoming == 0);
+            let too_big = inner.bytes + incoming > self.config.max_bytes;
+            let too_old = now.duration_since(front.at) > max_age;
+            if !(too_many || too_big || too_old) {
+                break;
+            }
+            self.pop_front(inner);
+        }
+    }
+
+    fn pop_front(&self, inner: &mut LogInner) {
+        if let Some(entry) = inner.entries.pop_front() {
+            let bytes = entry.bytes();
+            inner.bytes -= bytes;
+            inner.evicted_through = entry.seq;
+            self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Evicts the globally oldest entries until the total fits. Scans the namespaces, so
+    /// it costs O(namespaces) per eviction; it only runs past the total bound.
+    fn enforce_total(&self, incoming: u64) {
+        while self.total_bytes() + incoming > self.config.max_total_bytes {
+            let logs: Vec<Arc<NamespaceLog>> = {
+                let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+                logs.values().cloned().collect()
+            };
+            let oldest = logs
+                .iter()
+                .filter_map(|log| log.lock().entries.front().map(|e| (e.at, log.clone())))
+                .min_by_key(|(at, _)| *at);
+            match oldest {
+                Some((_, log)) => self.pop_front(&mut log.lock()),
+                None => break,
+            }
+        }
+    }
+}
+
+impl NamespaceLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Retains `envelope` and returns its entry. Callers hold [`NamespaceLog::gate`].
+    pub fn append(&self, envelope: &Envelope) -> Arc<Entry> {
+        let Some(store) = self.store.upgrade() else {
+            return Arc::new(self.entry(envelope, 0, ""));
+        };
+        let now = Instant::now();
+        let (entry, incoming) = {
+            let mut inner = self.lock();
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            let entry = Arc::new(self.entry(envelope, seq, store.epoch()));
+            let incoming = entry.bytes();
+            store.evict(&mut inner, now, incoming);
+            match entry.event.as_str() {
+                "connection.update" => inner.last_connection_update = Some(entry.clone()),
+                "qrcode.updated" => inner.last_qrcode = Some(entry.clone()),
+                _ => {}
+            }
+            (entry, incoming)
+        };
+        // The total bound may evict from any namespace, this one included: not under our lock.
+        store.enforce_total(incoming);
+        {
+            let mut inner = self.lock();
+            inner.bytes += incoming;
+            inner.entries.push_back(entry.clone());
+        }
+        store.total_bytes.fetch_add(incoming, Ordering::Relaxed);
+        self.head.send_replace(entry.seq);
+        entry
+    }
+
+    fn entry(&self, envelope: &Envelope, seq: u64, epoch: &str) -> Entry {
+        Entry {
+            seq,
+            event: envelope.event.clone(),
+            upper_snake: envelope.event.upper_snake(),
+            payload: envelope.payload.clone(),
+            offset: format!("{epoch}-{seq}"),
+            at: Instant::now(),
+        }
+    }
+
+    /// The newest sequence number (0 when nothing was ever appended).
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Wakes when a newer event is appended.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// Up to `max` retained events with a sequence greater than `after`, oldest first, and
+    /// whether some were evicted before they could be read (a gap).
+    pub fn read_after(&self, after: u64, max: usize) -> (Vec<Arc<Entry>>, bool) {
+        let inner = self.lock();
+        let gap = inner.evicted_through > after;
+        let start = inner.entries.partition_point(|entry| entry.seq <= after);
+        let batch = inner.entries.range(start..).take(max).cloned().collect();
+        (batch, gap)
+    }
+
+    /// Where a client that last saw `offset` resumes.
+    pub fn resume(&self, epoch: &str, offset: &str) -> Resume {
+        let inner = self.lock();
+        let head = inner.next_seq - 1;
+        let everything = Resume {
+            recovered: false,
+            after: inner.evicted_through,
+        };
+        let Some((offset_epoch, seq)) = offset.rsplit_once('-') else {
+            return everything;
+        };
+        let Ok(seq) = seq.parse::<u64>() else {
+            return everything;
+        };
+        if offset_epoch != epoch || seq > head {
+            return everything;
+        }
+        Resume {
+            recovered: seq >= inner.evicted_through,
+            after: seq,
+        }
+    }
+
+    /// The state a late joiner should see: the last `connection.update`, and the last
+    /// `qrcode.updated` if it is younger than a minute.
+    pub fn state(&self) -> Vec<Arc<Entry>> {
+        let inner = self.lock();
+        let mut state: Vec<Arc<Entry>> = inner.last_connection_update.iter().cloned().collect();
+        if let Some(qrcode) = &inner.last_qrcode
+            && qrcode.at.elapsed() < QRCODE_FRESHNESS
+        {
+            state.push(qrcode.clone());
+        }
+        state.sort_by_key(|entry| entry.seq);
+        state
+    }
+}
+
+/// A new epoch for each start: time and process id, so two replicas or two starts differ.
+fn new_epoch() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = nanos ^ (u64::from(std::process::id()) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    format!("{:x}", mixed.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 8)
+}
+
+/// Runs [`Store::sweep`] until the store is dropped.
+pub fn spawn_sweeper(store: &Arc<Store>) {
+    let weak = Arc::downgrade(store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(store) => store.sweep(),
+                None => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+use super::*;
+
+fn envelope(event: &str, n: usize) -> Envelope {
+    let body = format!(r#"{{"event":"{event}","instance":"acme","data":{{"n":{n}}}}}"#);
+    Envelope::from_webhook(body.as_bytes()).unwrap()
+}
+
+fn store(config: Config) -> Arc<Store> {
+    Store::new(&config).unwrap()
+}
+
+#[test]
+fn offsets_read_back_in_order() {
+    let store = store(Config::default());
+    let log = store.log("/acme");
+    let entries: Vec<_> = (0..5).map(|n| log.append(&envelope("call", n))).collect();
+    assert_eq!(log.head(), 5);
+    assert_eq!(entries[0].offset, format!("{}-1", store.epoch()));
+    let resume = log.resume(store.epoch(), &entries[1].offset);
+    assert_eq!(
+        resume,
+        Resume {
+            recovered: true,
+            after: 2
+        }
+    );
+    let (batch, gap) = log.read_after(resume.after, 100);
+    assert!(!gap);
+    assert_eq!(
+        batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    let (batch, _) = log.read_after(2, 2);
+    assert_eq!(batch.len(), 2);
+}
+
+#[test]
+fn unknown_other_epoch_and_future_offsets_are_not_recovered() {
+    let store = store(Config::default());
+    let log = store.log("/acme");
+    log.append(&envelope("call", 1));
+    for offset in [
+        "",
+        "garbage",
+        "otherepoch-1",
+        &format!("{}-99", store.epoch()),
+        &format!("{}-x", store.epoch()),
+    ] {
+        let resume = log.resume(store.epoch(), offset);
+        assert!(!resume.recovered, "{offset:?}");
+        assert_eq!(resume.after, 0, "what is retained is replayed all the same");
+    }
+}
+
+#[test]
+fn bounds_by_count_bytes_and_total() {
+    let store = store(Config {
+        max_events: 3,
+        ..Config::default()
+    });
+    let log = store.log("/acme");
+    let first = log.append(&envelope("call", 0));
+    for n in 1..10 {
+        log.append(&envelope("call", n));
+    }
+    let (batch, gap) = log.read_after(0, 100);
+    assert_eq!(
+        batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    assert!(gap, "1..=7 were evicted");
+    assert!(!log.resume(store.epoch(), &first.offset).recovered);
+    let seventh = format!("{}-7", store.epoch());
+    assert!(
+        log.resume(store.epoch(), &seventh).recovered,
+        "7 seen, 8.. retained"
+    );
+
+    let per_event = log.read_after(0, 1).0[0].bytes();
+    let store = super::Store::new(&Config {
+        max_bytes: per_event * 2,
+        max_total_bytes: per_event * 3,
+        ..Config::default()
+    })
+    .unwrap();
+    let a = store.log("/a");
+    let b = store.log("/b");
+    for n in 0..5 {
+        a.append(&envelope("call", n));
+    }
+    assert_eq!(a.read_after(0, 100).0.len(), 2, "per-namespace bytes");
+    b.append(&envelope("call", 0));
+    b.append(&envelope("call", 1));
+    assert!(store.total_bytes() <= per_event * 3, "total bytes");
+    assert_eq!(
+        a.read_after(0, 100).0.len() + b.read_after(0, 100).0.len(),
+        3
+    );
+    assert_eq!(
+        b.read_after(0, 100).0.len(),
+        2,
+        "the globally oldest went first"
+    );
+}
+
+#[test]
+fn age_bound_and_sweep() {
+    let store = store(Config {
+        max_age_secs: 0,
+        ..Config::default()
+    });
+    let log = store.log("/acme");
+    log.append(&envelope("call", 0));
+    std::thread::sleep(Duration::from_millis(5));
+    store.sweep();
+    assert!(log.read_after(0, 10).0.is_empty());
+    drop(log);
+    store.sweep();
+    assert!(
+        store.logs.lock().unwrap().is_empty(),
+        "idle empty logs are forgotten"
+    );
+}
+
+#[test]
+fn state_for_late_joiners() {
+    let store = store(Config::default());
+    let log = store.log("/acme");
+    assert!(log.state().is_empty());
+    log.append(&envelope("connection.update", 1));
+    log.append(&envelope("qrcode.updated", 2));
+    log.append(&envelope("connection.update", 3));
+    log.append(&envelope("messages.upsert", 4));
+    let state = log.state();
+    assert_eq!(state.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+}
