@@ -23,6 +23,7 @@ use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
+use crate::cluster::Cluster;
 use crate::config::{self, Config};
 use crate::hub::{self, Hub};
 use crate::proxy::{self, Proxy};
@@ -54,15 +55,26 @@ impl App {
         )?);
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
         let replay = replay::Store::new(&config.replay)?;
-        let (socketio_layer, hub) =
-            Hub::build(&config.hub, auth.clone(), upstream.clone(), replay.clone())?;
+        let cluster = Cluster::new(&config.redis, replay.max_age())?;
+        let (socketio_layer, hub) = Hub::build(
+            &config.hub,
+            auth.clone(),
+            upstream.clone(),
+            replay.clone(),
+            cluster.clone(),
+        )?;
         let webhook = Arc::new(Webhook::new(
             &config.webhook,
             hub.clone(),
+            cluster.clone(),
             draining.clone(),
         )?);
         let proxy = Arc::new(Proxy::new(&config.upstream)?);
-        let health = Arc::new(Health::new(config.upstream.base_url(), draining.clone())?);
+        let health = Arc::new(Health::new(
+            config.upstream.base_url(),
+            cluster,
+            draining.clone(),
+        )?);
 
         // socket.io: CORS (outer) → handshake check → socket.io (inner); anything the
         // socket.io layer does not claim ends in a 404.
@@ -159,6 +171,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         replay::spawn_sweeper(&self.replay);
+        self.hub.spawn_cluster_reader();
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tokio::spawn(drain(

@@ -19,7 +19,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{auth, hub, replay, telemetry, upstream, webhook};
+use crate::{auth, cluster, hub, replay, telemetry, upstream, webhook};
 
 pub const ENV_CONFIG: &str = "SIDECAR_CONFIG";
 pub const ENV_LISTEN: &str = "SIDECAR_LISTEN";
@@ -52,6 +52,8 @@ pub const ENV_REPLAY_MAX_AGE_SECS: &str = "SIDECAR_REPLAY_MAX_AGE_SECS";
 pub const ENV_REPLAY_MAX_BYTES: &str = "SIDECAR_REPLAY_MAX_BYTES";
 pub const ENV_REPLAY_MAX_TOTAL_BYTES: &str = "SIDECAR_REPLAY_MAX_TOTAL_BYTES";
 pub const ENV_DEDUPE_WINDOW_SECS: &str = "SIDECAR_DEDUPE_WINDOW_SECS";
+pub const ENV_REDIS_URL: &str = "SIDECAR_REDIS_URL";
+pub const ENV_REDIS_TIMEOUT_MS: &str = "SIDECAR_REDIS_TIMEOUT_MS";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +114,8 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_REPLAY_MAX_AGE_SECS, "replay.max_age_secs"),
     var(ENV_REPLAY_MAX_BYTES, "replay.max_bytes"),
     var(ENV_REPLAY_MAX_TOTAL_BYTES, "replay.max_total_bytes"),
+    secret(ENV_REDIS_URL, "redis.url"),
+    var(ENV_REDIS_TIMEOUT_MS, "redis.timeout_ms"),
 ];
 
 /// The whole configuration, one section per concern.
@@ -131,6 +135,7 @@ pub struct Config {
     pub hub: hub::Config,
     pub webhook: webhook::Config,
     pub replay: replay::Config,
+    pub redis: cluster::Config,
 }
 
 impl Default for Config {
@@ -145,6 +150,7 @@ impl Default for Config {
             hub: hub::Config::default(),
             webhook: webhook::Config::default(),
             replay: replay::Config::default(),
+            redis: cluster::Config::default(),
         }
     }
 }
@@ -197,6 +203,7 @@ impl Config {
         self.hub.validate()?;
         self.webhook.validate()?;
         self.replay.validate()?;
+        self.redis.validate()?;
         Ok(())
     }
 

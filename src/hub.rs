@@ -25,6 +25,7 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide::{SocketIo, TransportType};
 
 use crate::auth::{self, Authenticator, Principal};
+use crate::cluster::Cluster;
 use crate::config::{self, Secret, comma_list};
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
@@ -190,6 +191,8 @@ pub struct Hub {
     /// `None` means every event is emitted.
     allowed_events: Option<Arc<HashSet<String>>>,
     global_events: bool,
+    /// With Redis, events go through the shared stream and come back to every replica.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Hub {
@@ -199,6 +202,7 @@ impl Hub {
         auth: Arc<Authenticator>,
         upstream: Arc<Upstream>,
         replay: Arc<replay::Store>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Result<(SocketIoLayer, Hub), config::Error> {
         config.validate()?;
         let shared = Arc::new(Shared {
@@ -230,26 +234,42 @@ impl Hub {
                 shared,
                 allowed_events,
                 global_events: config.global_events,
+                cluster,
             },
         ))
     }
 
-    /// Emits one event to its instance's namespace (and `/` with global events on).
-    ///
-    /// The payload is encoded once per namespace; a slow socket whose queue is full
-    /// misses the event (counted) and never delays the others or the webhook.
+    /// Publishes one event. When this returns, the event is retained: in the shared Redis
+    /// stream (every replica, this one included, delivers it as it reads the stream), or,
+    /// in memory mode or while Redis is unreachable, in this replica's log, delivered here.
     pub async fn publish(&self, envelope: &Envelope) {
-        let upper = envelope.event.upper_snake();
         if let Some(allowed) = &self.allowed_events
-            && !allowed.contains(&upper)
+            && !allowed.contains(&envelope.event.upper_snake())
         {
             return;
         }
+        if let Some(cluster) = &self.cluster {
+            match cluster.append(envelope).await {
+                Ok(_) => return,
+                Err(err) => tracing::debug!(error = %err, "publishing locally"),
+            }
+        }
+        self.deliver(envelope, 0).await;
+    }
+
+    /// Emits one event to its instance's namespace (and `/` with global events on), as
+    /// sequence number `seq` (0: the next one).
+    ///
+    /// The payload is encoded once per namespace; a slow socket whose queue is full
+    /// misses the event (counted) and never delays the others or the webhook.
+    async fn deliver(&self, envelope: &Envelope, seq: u64) {
+        let upper = envelope.event.upper_snake();
         let rooms = [ALL_ROOM.to_owned(), event_room(&upper)];
         let namespace = envelope.instance.namespace();
-        self.emit_to(&namespace, &rooms, &upper, envelope).await;
+        self.emit_to(&namespace, &rooms, &upper, envelope, seq)
+            .await;
         if self.global_events {
-            self.emit_to("/", &rooms, &upper, envelope).await;
+            self.emit_to("/", &rooms, &upper, envelope, seq).await;
         }
     }
 
@@ -261,12 +281,13 @@ impl Hub {
         rooms: &[String; 2],
         upper: &str,
         envelope: &Envelope,
+        seq: u64,
     ) {
         let log = self.shared.replay.log(namespace);
         // Append and broadcast under the gate: a socket being brought up to date sees the
         // event either in its state or live, never both and never neither.
         let _gate = log.gate.lock().await;
-        log.append(envelope);
+        log.append_at(envelope, seq);
         metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
 
         let audience = self.shared.audience(namespace, upper);
@@ -308,6 +329,47 @@ impl Hub {
                 tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
             }
         }
+    }
+
+    /// Follows the shared Redis stream and delivers what it reads, until the hub is gone.
+    /// Adopts the cluster's epoch once Redis answers; while it does not, retries.
+    pub fn spawn_cluster_reader(&self) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut after = cluster.start_id();
+            let mut epoch_adopted = false;
+            loop {
+                if !epoch_adopted {
+                    match cluster.epoch(&hub.shared.replay.epoch()).await {
+                        Ok(epoch) => {
+                            hub.shared.replay.set_epoch(epoch);
+                            epoch_adopted = true;
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(RECONNECT_PAUSE).await;
+                            continue;
+                        }
+                    }
+                }
+                match cluster.read(&after).await {
+                    Ok(deliveries) => {
+                        for delivery in deliveries {
+                            hub.deliver(&delivery.envelope, delivery.seq).await;
+                            after = delivery.id;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "redis stream read failed");
+                        // Redis may come back empty: check the epoch again first.
+                        epoch_adopted = false;
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Disconnects every socket (shutdown).
@@ -431,7 +493,7 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
 
     let log = shared.replay.log(socket.ns());
     if session.resume.is_some() {
-        let epoch = shared.replay.epoch().to_owned();
+        let epoch = shared.replay.epoch();
         tokio::spawn(delivery::run(socket.clone(), session, log, epoch));
         return;
     }
@@ -562,6 +624,9 @@ fn parse_filter(
     }
     Ok(filter)
 }
+
+/// The pause before the stream reader tries Redis again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 
 /// How long shutdown waits for socket.io to close its sockets.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -15,6 +15,7 @@
 //! - [`upstream`]: client emits → Evolution REST, with acks.
 //! - [`proxy`]: everything else, streamed to Evolution API.
 //! - [`replay`]: retained events per namespace, offsets, state for late joiners.
+//! - [`cluster`]: with Redis, one shared stream for fan-out and retention across replicas.
 //! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
 //! - [`telemetry`]: logs and health.
 //! - [`app`]: the router, its layer order, and graceful shutdown.
@@ -22,6 +23,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod envelope;

@@ -111,7 +111,8 @@ pub struct NamespaceLog {
 #[derive(Default)]
 struct LogInner {
     entries: VecDeque<Arc<Entry>>,
-    next_seq: u64,
+    /// The newest sequence number given out (0: none yet).
+    head: u64,
     bytes: u64,
     /// The highest sequence number evicted: resuming from below it is a gap.
     evicted_through: u64,
@@ -122,7 +123,8 @@ struct LogInner {
 /// All namespaces' logs.
 pub struct Store {
     config: Config,
-    epoch: String,
+    /// Random per start in memory mode; with Redis, the cluster's (adopted once reachable).
+    epoch: std::sync::RwLock<String>,
     logs: Mutex<HashMap<String, Arc<NamespaceLog>>>,
     total_bytes: AtomicU64,
 }
@@ -132,15 +134,25 @@ impl Store {
         config.validate()?;
         Ok(Arc::new(Self {
             config: config.clone(),
-            epoch: new_epoch(),
+            epoch: std::sync::RwLock::new(new_epoch()),
             logs: Mutex::new(HashMap::new()),
             total_bytes: AtomicU64::new(0),
         }))
     }
 
-    /// This process's epoch, the first part of every offset.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
+    /// The current epoch, the first part of every offset.
+    pub fn epoch(&self) -> String {
+        self.epoch.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adopts the cluster's epoch: offsets given out from now on carry it.
+    pub fn set_epoch(&self, epoch: String) {
+        *self.epoch.write().unwrap_or_else(|e| e.into_inner()) = epoch;
+    }
+
+    /// The retention age, which the Redis stream is trimmed to as well.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(self.config.max_age_secs)
     }
 
     /// The log of `namespace`, created on first use.
@@ -149,10 +161,7 @@ impl Store {
         logs.entry(namespace.to_owned())
             .or_insert_with(|| {
                 Arc::new(NamespaceLog {
-                    inner: Mutex::new(LogInner {
-                        next_seq: 1,
-                        ..LogInner::default()
-                    }),
+                    inner: Mutex::new(LogInner::default()),
                     head: watch::channel(0).0,
                     gate: tokio::sync::Mutex::new(()),
                     store: Arc::downgrade(self),
@@ -238,17 +247,25 @@ impl NamespaceLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Retains `envelope` and returns its entry. Callers hold [`NamespaceLog::gate`].
+    /// Retains `envelope` with the next sequence number and returns its entry. Callers hold
+    /// [`NamespaceLog::gate`].
     pub fn append(&self, envelope: &Envelope) -> Arc<Entry> {
+        self.append_at(envelope, 0)
+    }
+
+    /// Retains `envelope` as sequence number `seq` (a Redis stream position), or the next
+    /// one if `seq` would not be newer than the head: numbers only ever grow.
+    pub fn append_at(&self, envelope: &Envelope, seq: u64) -> Arc<Entry> {
         let Some(store) = self.store.upgrade() else {
             return Arc::new(self.entry(envelope, 0, ""));
         };
+        let epoch = store.epoch();
         let now = Instant::now();
         let (entry, incoming) = {
             let mut inner = self.lock();
-            let seq = inner.next_seq;
-            inner.next_seq += 1;
-            let entry = Arc::new(self.entry(envelope, seq, store.epoch()));
+            let seq = seq.max(inner.head + 1);
+            inner.head = seq;
+            let entry = Arc::new(self.entry(envelope, seq, &epoch));
             let incoming = entry.bytes();
             store.evict(&mut inner, now, incoming);
             match entry.event.as_str() {
@@ -304,7 +321,7 @@ impl NamespaceLog {
     /// Where a client that last saw `offset` resumes.
     pub fn resume(&self, epoch: &str, offset: &str) -> Resume {
         let inner = self.lock();
-        let head = inner.next_seq - 1;
+        let head = inner.head;
         let everything = Resume {
             recovered: false,
             after: inner.evicted_through,
@@ -340,7 +357,7 @@ impl NamespaceLog {
 }
 
 /// A new epoch for each start: time and process id, so two replicas or two starts differ.
-fn new_epoch() -> String {
+pub fn new_epoch() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

@@ -51,6 +51,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health {
     http: reqwest::Client,
     upstream_url: String,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     draining: Arc<AtomicBool>,
     last: Mutex<Option<(Instant, bool)>>,
 }
@@ -58,6 +59,7 @@ pub struct Health {
 impl Health {
     pub fn new(
         upstream_url: &str,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, crate::config::Error> {
         let http = reqwest::Client::builder()
@@ -68,6 +70,7 @@ impl Health {
         Ok(Self {
             http,
             upstream_url: upstream_url.trim_end_matches('/').to_owned() + "/",
+            cluster,
             draining,
             last: Mutex::new(None),
         })
@@ -98,12 +101,25 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
         let body = serde_json::json!({ "status": "draining" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    if health.upstream_up().await {
-        Json(serde_json::json!({ "status": "ready", "upstream": "up" })).into_response()
+    // Redis only degrades: every replica shares it, and a blip must not take them all out.
+    let redis = health
+        .cluster
+        .as_ref()
+        .map(|cluster| if cluster.is_up() { "ok" } else { "degraded" });
+    let mut body = if health.upstream_up().await {
+        serde_json::json!({ "status": "ready", "upstream": "up" })
     } else {
-        let body = serde_json::json!({ "status": "unavailable", "upstream": "down" });
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        serde_json::json!({ "status": "unavailable", "upstream": "down" })
+    };
+    if let Some(redis) = redis {
+        body["redis"] = redis.into();
     }
+    let status = if body["upstream"] == "up" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 // === Metrics ===
@@ -127,6 +143,7 @@ pub mod names {
     pub const SLOW_CONSUMER_DISCONNECTS: &str = "evo_slow_consumer_disconnects_total";
     pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
+    pub const REDIS_UP: &str = "evo_redis_up";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

@@ -34,6 +34,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::cluster::Cluster;
 use crate::config::{self, Secret, comma_list};
 use crate::dedupe::{self, Dedupe};
 use crate::envelope::{self, Envelope};
@@ -235,6 +236,8 @@ pub struct Webhook {
     jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
     hub: Hub,
     dedupe: Dedupe,
+    /// With Redis, fingerprints are shared, so a retry to another replica is caught too.
+    cluster: Option<Arc<Cluster>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -242,6 +245,7 @@ impl Webhook {
     pub fn new(
         config: &Config,
         hub: Hub,
+        cluster: Option<Arc<Cluster>>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, config::Error> {
         config.validate()?;
@@ -265,12 +269,27 @@ impl Webhook {
             jwt,
             hub,
             dedupe: Dedupe::new(Duration::from_secs(config.dedupe_window_secs)),
+            cluster,
             draining,
         })
     }
 
     pub fn path(&self) -> &str {
         &self.config.path
+    }
+
+    /// Shared fingerprints through Redis when it answers, this replica's otherwise.
+    async fn is_duplicate(&self, fingerprint: u128) -> bool {
+        let window = Duration::from_secs(self.config.dedupe_window_secs);
+        if window.is_zero() {
+            return false;
+        }
+        if let Some(cluster) = &self.cluster
+            && let Ok(seen) = cluster.seen(fingerprint, window).await
+        {
+            return seen;
+        }
+        self.dedupe.seen(fingerprint)
     }
 }
 
@@ -329,7 +348,7 @@ async fn accept(
     }
 
     // Stage 7: a retry of an accepted event is acknowledged, not emitted again.
-    if webhook.dedupe.seen(dedupe::fingerprint(&body)) {
+    if webhook.is_duplicate(dedupe::fingerprint(&body)).await {
         metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
         tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
         return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());

@@ -16,7 +16,7 @@ fn offsets_read_back_in_order() {
     let entries: Vec<_> = (0..5).map(|n| log.append(&envelope("call", n))).collect();
     assert_eq!(log.head(), 5);
     assert_eq!(entries[0].offset, format!("{}-1", store.epoch()));
-    let resume = log.resume(store.epoch(), &entries[1].offset);
+    let resume = log.resume(&store.epoch(), &entries[1].offset);
     assert_eq!(
         resume,
         Resume {
@@ -46,7 +46,7 @@ fn unknown_other_epoch_and_future_offsets_are_not_recovered() {
         &format!("{}-99", store.epoch()),
         &format!("{}-x", store.epoch()),
     ] {
-        let resume = log.resume(store.epoch(), offset);
+        let resume = log.resume(&store.epoch(), offset);
         assert!(!resume.recovered, "{offset:?}");
         assert_eq!(resume.after, 0, "what is retained is replayed all the same");
     }
@@ -69,10 +69,10 @@ fn bounds_by_count_bytes_and_total() {
         vec![8, 9, 10]
     );
     assert!(gap, "1..=7 were evicted");
-    assert!(!log.resume(store.epoch(), &first.offset).recovered);
+    assert!(!log.resume(&store.epoch(), &first.offset).recovered);
     let seventh = format!("{}-7", store.epoch());
     assert!(
-        log.resume(store.epoch(), &seventh).recovered,
+        log.resume(&store.epoch(), &seventh).recovered,
         "7 seen, 8.. retained"
     );
 

@@ -1,0 +1,296 @@
+//! Several replicas acting as one through a real Redis (started by each test on a free port).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn n_of(text: &str) -> u64 {
+    serde_json::from_str::<Value>(text).unwrap()[0]["data"]["n"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn replicas(redis: &RedisServer, evolution: &FakeEvolution) -> (TestApp, TestApp) {
+    let a = spawn_app(redis_config(&evolution.url(), redis)).await;
+    let b = spawn_app(redis_config(&evolution.url(), redis)).await;
+    // Both follow the stream once Redis answered their readiness.
+    for app in [&a, &b] {
+        let url = app.url("/_sidecar/readyz");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+            if body["redis"] == "ok" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis never reported ok: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_to_one_replica_reaches_clients_on_both_once() {
+    let redis = RedisServer::start();
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    js.connect("on-a", &a.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    js.connect("on-b", &b.url("/acme"), with_key("polling", GLOBAL_KEY))
+        .await;
+
+    for n in 0..5 {
+        let target = if n % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            post_webhook(&target.webhook_url(), event_body("call", "acme", n))
+                .await
+                .0,
+            200
+        );
+    }
+    for id in ["on-a", "on-b"] {
+        for n in 0..5 {
+            let (event, text) = js.next_event(id).await;
+            assert_eq!(
+                (event.as_str(), n_of(&text)),
+                ("call", n),
+                "{id}: one order on every replica"
+            );
+        }
+        js.assert_no_event(id, Duration::from_millis(200)).await;
+    }
+    js.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_connecting_at_once_to_a_new_instance_on_another_replica() {
+    let redis = RedisServer::start();
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    let ids: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
+    for id in &ids {
+        js.open(id, &b.url("/brand-new"), with_key("websocket", GLOBAL_KEY))
+            .await;
+    }
+    // Webhooks flow to the other replica while they connect.
+    post_webhook(&a.webhook_url(), event_body("call", "brand-new", 0)).await;
+    for id in &ids {
+        assert_eq!(js.wait_connected(id).await["type"], "connect");
+    }
+    post_webhook(&a.webhook_url(), event_body("call", "brand-new", 1)).await;
+    for id in &ids {
+        loop {
+            let (_, text) = js.next_event(id).await;
+            if n_of(&text) == 1 {
+                break;
+            }
+        }
+    }
+    js.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sent_to_the_other_replica_is_delivered_once() {
+    let redis = RedisServer::start();
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "c",
+        &a.url("/acme-support"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    let body = fixture("messages-upsert.json");
+    assert_eq!(
+        post_webhook(&a.webhook_url(), body.clone()).await,
+        (200, json!({"ok": true}))
+    );
+    assert_eq!(
+        post_webhook(&b.webhook_url(), body).await,
+        (200, json!({"ok": true, "duplicate": true}))
+    );
+    assert_eq!(js.next_event("c").await.0, "messages.upsert");
+    js.assert_no_event("c", Duration::from_millis(300)).await;
+    js.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnecting_to_the_other_replica_recovers_everything() {
+    let redis = RedisServer::start();
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    let opts = json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY}});
+    js.open_recovering("first", &a.url("/acme"), opts.clone())
+        .await;
+    js.wait_connected("first").await;
+    for n in 0..5 {
+        post_webhook(&a.webhook_url(), event_body("call", "acme", n)).await;
+    }
+    let mut last = String::new();
+    for n in 0..5 {
+        let (_, text) = js.next_event("first").await;
+        assert_eq!(n_of(&text), n);
+        last = serde_json::from_str::<Value>(&text).unwrap()[1]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    js.close("first").await;
+    for n in 5..25 {
+        let target = if n % 2 == 0 { &a } else { &b };
+        post_webhook(&target.webhook_url(), event_body("call", "acme", n)).await;
+    }
+    js.open_from("second", &b.url("/acme"), opts, &last).await;
+    let (event, text) = js.next_event("second").await;
+    assert_eq!(event, "sidecar.recovery");
+    let recovery = &serde_json::from_str::<Value>(&text).unwrap()[0];
+    assert_eq!(recovery["recovered"], true, "{recovery}");
+    assert_eq!(recovery["replayed"], 20, "{recovery}");
+    for n in 5..25 {
+        assert_eq!(n_of(&js.next_event("second").await.1), n);
+    }
+    js.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_stream_degrades_then_recovers() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    js.connect("on-a", &a.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    js.connect("on-b", &b.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    post_webhook(&a.webhook_url(), event_body("call", "acme", 0)).await;
+    assert_eq!(n_of(&js.next_event("on-a").await.1), 0);
+    assert_eq!(n_of(&js.next_event("on-b").await.1), 0);
+
+    redis.kill();
+    // Local clients still get events, promptly, and the webhook is still accepted.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        post_webhook(&a.webhook_url(), event_body("call", "acme", 1))
+            .await
+            .0,
+        200
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(n_of(&js.next_event("on-a").await.1), 1);
+    let ready = http().get(a.url("/_sidecar/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status().as_u16(),
+        200,
+        "a Redis outage does not take the replica out"
+    );
+    assert_eq!(ready.json::<Value>().await.unwrap()["redis"], "degraded");
+
+    let _redis = RedisServer::start_on(port);
+    // Once both replicas follow the stream again, fan-out across them resumes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 100;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cross-replica fan-out never resumed"
+        );
+        post_webhook(&a.webhook_url(), event_body("call", "acme", n)).await;
+        let id = "on-b".to_owned();
+        let got = js
+            .wait_for(
+                move |r| r["id"] == id && r["type"] == "event",
+                Duration::from_millis(500),
+            )
+            .await;
+        if got.is_some_and(|r| n_of(r["text"].as_str().unwrap()) == n) {
+            break;
+        }
+        n += 1;
+    }
+    let ready: Value = http()
+        .get(a.url("/_sidecar/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["redis"], "ok");
+    js.shutdown().await;
+}
+
+/// 50 clients split over two replicas, dropping and reconnecting every 200–2,000 ms,
+/// while 2,000 webhooks alternate between the replicas: every client gets every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_under_churn_across_two_replicas() {
+    let redis = RedisServer::start();
+    let evolution = FakeEvolution::start().await;
+    let (a, b) = replicas(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    let opts = json!({
+        "transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY},
+        "reconnection": true, "reconnectionDelay": 50, "reconnectionDelayMax": 300, "randomizationFactor": 0
+    });
+    let clients: Vec<String> = (0..50).map(|i| format!("c{i}")).collect();
+    for (i, id) in clients.iter().enumerate() {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        js.open_counting(id, &replica.url("/churn"), opts.clone())
+            .await;
+    }
+    for id in &clients {
+        assert_eq!(js.wait_connected(id).await["type"], "connect");
+        js.churn(id, 200, 2000).await;
+    }
+    let total = 2000u64;
+    for n in 0..total {
+        let target = if n % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            post_webhook(&target.webhook_url(), event_body("call", "churn", n))
+                .await
+                .0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    for id in &clients {
+        js.stop_churn(id).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut reconnects = 0;
+    for id in &clients {
+        loop {
+            let summary = js.summary(id).await;
+            if summary["unique"] == total || tokio::time::Instant::now() > deadline {
+                assert_eq!(summary["unique"], total, "{id} missed events: {summary}");
+                assert_eq!(summary["count"], total, "{id} got duplicates: {summary}");
+                assert_eq!(summary["ordered"], true, "{id}: {summary}");
+                reconnects += summary["connects"].as_u64().unwrap() - 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        reconnects >= 100,
+        "the clients really churned: {reconnects}"
+    );
+    println!(
+        "churn over two replicas: 50 clients, {total} events each, {reconnects} reconnects, 100% delivered"
+    );
+    js.shutdown().await;
+}
