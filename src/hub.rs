@@ -391,7 +391,7 @@ impl Hub {
 
 /// Why a namespace CONNECT is refused: sent to the client as its CONNECT_ERROR message.
 #[derive(Debug, thiserror::Error)]
-enum ConnectError {
+pub enum ConnectError {
     #[error("invalid namespace")]
     BadNamespace,
     #[error("{0}")]
@@ -440,34 +440,61 @@ async fn admit(
     } else {
         Some(InstanceName::from_namespace(&namespace).ok_or(ConnectError::BadNamespace)?)
     };
-    let auth_payload = auth_payload.ok();
-    let key = auth::key_from_request(socket.req_parts())
-        .or_else(|| string_field(auth_payload.as_ref(), "apikey"))
-        .ok_or(auth::Error::Invalid)?;
+    let options = ClientOptions::parse(socket.req_parts(), auth_payload.ok().as_ref())?;
+    let key = options.key.ok_or(auth::Error::Invalid)?;
     let principal = shared.auth.resolve(&key).await?;
     if !principal.may_join(&namespace) {
         tracing::debug!(ns = %namespace, principal = %principal.label(), "namespace refused");
         return Err(ConnectError::Forbidden(namespace));
     }
-    let filter = parse_filter(socket.req_parts(), auth_payload.as_ref())?;
-    let field = |name: &str| auth_payload.as_ref().and_then(|p| p.get(name));
-    let resume = match field("offset") {
-        None => None,
-        Some(Value::Null) => Some(String::new()),
-        Some(Value::String(offset)) => Some(offset.clone()),
-        Some(_) => return Err(ConnectError::BadOffset),
-    };
     socket.extensions.insert(Session {
         principal,
         key: Secret::new(key),
         instance,
-        filter: filter.into(),
+        filter: options.filter.into(),
         in_flight: Arc::new(AtomicUsize::new(0)),
-        resume,
-        snapshot: field("snapshot").and_then(Value::as_bool).unwrap_or(false),
+        resume: options.resume,
+        snapshot: options.snapshot,
         gone: Arc::new(tokio::sync::Notify::new()),
     });
     Ok(())
+}
+
+/// What a client asks for at CONNECT, from its handshake request and its `auth` payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// `?apikey=`, else the `apikey` header, else `auth.apikey`.
+    pub key: Option<String>,
+    /// UPPER_SNAKE events; empty means all.
+    pub filter: Vec<String>,
+    /// `auth.offset`: `Some("")` from now on, `Some(offset)` to resume.
+    pub resume: Option<String>,
+    /// `auth.snapshot`.
+    pub snapshot: bool,
+}
+
+impl ClientOptions {
+    /// Pure, so it can be fuzzed: any request and payload give options or a refusal.
+    pub fn parse(
+        parts: &http::request::Parts,
+        payload: Option<&Value>,
+    ) -> Result<Self, ConnectError> {
+        let field = |name: &str| payload.and_then(|p| p.get(name));
+        let key = auth::key_from_request(parts).or_else(|| string_field(payload, "apikey"));
+        let filter = parse_filter(parts, payload)?;
+        let resume = match field("offset") {
+            None => None,
+            Some(Value::Null) => Some(String::new()),
+            Some(Value::String(offset)) => Some(offset.clone()),
+            Some(_) => return Err(ConnectError::BadOffset),
+        };
+        Ok(Self {
+            key,
+            filter,
+            resume,
+            snapshot: field("snapshot").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
 }
 
 /// A socket joined: route its emits upstream, then bring it up to date and subscribe it.

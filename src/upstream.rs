@@ -264,6 +264,76 @@ impl AckReply {
     }
 }
 
+/// One emit, ready to send: what [`plan`] makes of an event and its argument.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub method: http::Method,
+    /// `/message/sendText/acme%20support`, with `?query` for GET routes.
+    pub path_and_query: String,
+    /// The JSON body (not for GET).
+    pub body: Option<String>,
+    /// Stripped from the argument: the idempotency key.
+    pub request_id: Option<String>,
+    /// The route's template, for metrics and logs.
+    pub route: String,
+}
+
+/// Maps an emit to its REST call, for `instance` only. Pure, so it can be fuzzed: every
+/// input gives a plan or the ack that refuses it.
+pub fn plan(
+    routes: &RouteTable,
+    instance: &InstanceName,
+    event: &str,
+    argument: Value,
+) -> Result<Plan, AckReply> {
+    let Some(route) = routes.get(event) else {
+        return Err(AckReply::error(404, format!("unknown event {event:?}")));
+    };
+    let mut fields = match argument {
+        Value::Object(fields) => fields,
+        Value::Null if route.method == http::Method::GET => Map::new(),
+        _ => return Err(AckReply::error(400, "argument must be a JSON object")),
+    };
+    if event == SEND_MESSAGE_ALIAS
+        && !fields.contains_key("text")
+        && let Some(message) = fields.remove("message")
+    {
+        fields.insert("text".to_owned(), message);
+    }
+    let request_id = match fields.remove("requestId") {
+        Some(Value::String(id)) => Some(id),
+        Some(_) => return Err(AckReply::error(400, "requestId must be a string")),
+        None => None,
+    };
+    let mut path_and_query = route.path_for(instance);
+    let body = if route.method == http::Method::GET {
+        let query: Vec<String> = fields
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                };
+                format!("{}={}", encode_query(&key), encode_query(&value))
+            })
+            .collect();
+        if !query.is_empty() {
+            path_and_query.push('?');
+            path_and_query.push_str(&query.join("&"));
+        }
+        None
+    } else {
+        Some(Value::Object(fields).to_string())
+    };
+    Ok(Plan {
+        method: route.method.clone(),
+        path_and_query,
+        body,
+        request_id,
+        route: route.template.clone(),
+    })
+}
+
 /// How long a `requestId` is remembered.
 const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
 /// At most this many remembered `requestId`s; the oldest are dropped beyond it.
@@ -315,24 +385,9 @@ impl Upstream {
         let Some(instance) = &session.instance else {
             return AckReply::error(400, "emits on / have no instance: connect to /<instance>");
         };
-        let Some(route) = self.routes.get(event) else {
-            return AckReply::error(404, format!("unknown event {event:?}"));
-        };
-        let mut fields = match argument {
-            Value::Object(fields) => fields,
-            Value::Null if route.method == http::Method::GET => Map::new(),
-            _ => return AckReply::error(400, "argument must be a JSON object"),
-        };
-        if event == SEND_MESSAGE_ALIAS
-            && !fields.contains_key("text")
-            && let Some(message) = fields.remove("message")
-        {
-            fields.insert("text".to_owned(), message);
-        }
-        let request_id = match fields.remove("requestId") {
-            Some(Value::String(id)) => Some(id),
-            Some(_) => return AckReply::error(400, "requestId must be a string"),
-            None => None,
+        let plan = match plan(&self.routes, instance, event, argument) {
+            Ok(plan) => plan,
+            Err(reply) => return reply,
         };
 
         if self.draining.load(Ordering::Acquire) {
@@ -348,8 +403,8 @@ impl Upstream {
                 ),
             );
         };
-        let Some(request_id) = request_id else {
-            return self.call(route, instance, session, fields).await;
+        let Some(request_id) = plan.request_id.clone() else {
+            return self.call(&plan, instance, session).await;
         };
         // A repeat of the same requestId waits for, then shares, the first answer.
         let key = (
@@ -360,7 +415,7 @@ impl Upstream {
         let remembered = self.remember(&key);
         let reply = remembered
             .reply
-            .get_or_init(|| self.call(route, instance, session, fields))
+            .get_or_init(|| self.call(&plan, instance, session))
             .await
             .clone();
         if reply.status() == 502 {
@@ -413,42 +468,18 @@ impl Upstream {
         entry
     }
 
-    async fn call(
-        &self,
-        route: &Route,
-        instance: &InstanceName,
-        session: &Session,
-        fields: Map<String, Value>,
-    ) -> AckReply {
-        let url = format!("{}{}", self.base_url, route.path_for(instance));
+    async fn call(&self, plan: &Plan, instance: &InstanceName, session: &Session) -> AckReply {
+        let url = format!("{}{}", self.base_url, plan.path_and_query);
         let mut request = self
             .http
-            .request(route.method.clone(), &url)
+            .request(plan.method.clone(), &url)
             .header("apikey", session.key.expose());
-        if route.method == http::Method::GET {
-            let query: Vec<(String, String)> = fields
-                .into_iter()
-                .map(|(key, value)| match value {
-                    Value::String(text) => (key, text),
-                    other => (key, other.to_string()),
-                })
-                .collect();
-            if !query.is_empty() {
-                let encoded = query
-                    .iter()
-                    .map(|(k, v)| format!("{}={}", encode_query(k), encode_query(v)))
-                    .collect::<Vec<_>>()
-                    .join("&");
-                request = self
-                    .http
-                    .request(route.method.clone(), format!("{url}?{encoded}"))
-                    .header("apikey", session.key.expose());
-            }
-        } else {
+        if let Some(body) = &plan.body {
             request = request
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Value::Object(fields).to_string());
+                .body(body.clone());
         }
+        let route = plan.route.as_str();
 
         let started = Instant::now();
         let outcome = async {
@@ -457,7 +488,7 @@ impl Upstream {
             Ok::<_, reqwest::Error>((status, response.bytes().await?))
         }
         .await;
-        let label = route.template.clone();
+        let label = route.to_owned();
         metrics::histogram!(names::UPSTREAM_SECONDS, "route" => label.clone())
             .record(started.elapsed().as_secs_f64());
         let (status, body) = match outcome {
@@ -474,7 +505,7 @@ impl Upstream {
             .increment(1);
         tracing::debug!(
             instance = %instance,
-            route = %route.template,
+            route = %route,
             upstream_status = status,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "emit forwarded"
@@ -489,8 +520,8 @@ fn encode_query(text: &str) -> String {
     utf8_percent_encode(text, PATH_SEGMENT).to_string()
 }
 
-fn failure(err: &reqwest::Error, instance: &InstanceName, route: &Route) -> AckReply {
-    tracing::warn!(instance = %instance, route = %route.template, error = %err, "emit call failed");
+fn failure(err: &reqwest::Error, instance: &InstanceName, route: &str) -> AckReply {
+    tracing::warn!(instance = %instance, route = %route, error = %err, "emit call failed");
     if err.is_timeout() {
         AckReply::error(504, "upstream timed out")
     } else {
@@ -575,6 +606,46 @@ mod tests {
         assert_eq!(route.method, http::Method::PUT);
         let name = InstanceName::parse("a?b#c").unwrap();
         assert_eq!(route.path_for(&name), "/custom/a%3Fb%23c/ping");
+    }
+
+    #[test]
+    fn plans() {
+        let table = RouteTable::new(&BTreeMap::new());
+        let acme = InstanceName::parse("acme").unwrap();
+        let plan = plan(
+            &table,
+            &acme,
+            "send_message",
+            serde_json::json!({"number": "1", "message": "hi", "requestId": "r1"}),
+        )
+        .unwrap();
+        assert_eq!(plan.method, http::Method::POST);
+        assert_eq!(plan.path_and_query, "/message/sendText/acme");
+        assert_eq!(plan.body.as_deref(), Some(r#"{"number":"1","text":"hi"}"#));
+        assert_eq!(plan.request_id.as_deref(), Some("r1"));
+        let get = super::plan(
+            &table,
+            &acme,
+            "group/fetchAllGroups",
+            serde_json::json!({"a/b": "c&d", "n": 1}),
+        )
+        .unwrap();
+        assert_eq!(
+            get.path_and_query,
+            "/group/fetchAllGroups/acme?a%2Fb=c%26d&n=1"
+        );
+        assert_eq!(get.body, None);
+        let refused = |event: &str, argument: Value| {
+            super::plan(&table, &acme, event, argument)
+                .unwrap_err()
+                .status()
+        };
+        assert_eq!(refused("nope", Value::Null), 404);
+        assert_eq!(refused("message/sendText", Value::Null), 400);
+        assert_eq!(
+            refused("message/sendText", serde_json::json!({"requestId": 1})),
+            400
+        );
     }
 
     #[test]
