@@ -62,11 +62,11 @@ impl App {
             upstream.clone(),
             replay.clone(),
             cluster.clone(),
+            Duration::from_secs(config.webhook.dedupe_window_secs),
         )?;
         let webhook = Arc::new(Webhook::new(
             &config.webhook,
             hub.clone(),
-            cluster.clone(),
             draining.clone(),
         )?);
         let proxy = Arc::new(Proxy::new(&config.upstream)?);
@@ -171,7 +171,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         replay::spawn_sweeper(&self.replay);
-        self.hub.spawn_cluster_reader();
+        let reader = self.hub.spawn_cluster_reader();
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tokio::spawn(drain(
@@ -200,13 +200,17 @@ impl App {
             .into_make_service_with_connect_info::<SocketAddr>();
         let server =
             axum::serve(listener, service).with_graceful_shutdown(reached(phase_rx.clone(), 1));
-        tokio::select! {
+        let result = tokio::select! {
             result = server.into_future() => result,
             () = reached(phase_rx, 2) => {
                 tracing::warn!("grace period ran out: closing remaining connections");
                 Ok(())
             }
+        };
+        if let Some(reader) = reader {
+            reader.abort();
         }
+        result
     }
 }
 
@@ -239,7 +243,9 @@ async fn drain(
     if !calls_done {
         tracing::warn!("grace period ran out with upstream calls in flight");
     }
-    if tokio::time::timeout(hub::CLOSE_TIMEOUT, hub.close())
+    let close_within =
+        hub::CLOSE_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    if tokio::time::timeout(close_within, hub.close())
         .await
         .is_err()
     {

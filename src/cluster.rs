@@ -64,6 +64,18 @@ impl Config {
 const STREAM: &str = "evo:events";
 const EPOCH_KEY: &str = "evo:epoch";
 const DEDUPE_PREFIX: &str = "evo:dedupe:";
+/// KEYS: stream, dedupe key (empty: no dedupe). ARGV: window, min id, event, instance,
+/// payload, fingerprint. A seen fingerprint refreshes its window and returns nil.
+const APPEND_ONCE: &str = r#"
+if KEYS[2] ~= "" then
+  if not redis.call("SET", KEYS[2], "1", "NX", "EX", ARGV[1]) then
+    redis.call("EXPIRE", KEYS[2], ARGV[1])
+    return false
+  end
+end
+return redis.call("XADD", KEYS[1], "MINID", "~", ARGV[2], "*",
+  "e", ARGV[3], "i", ARGV[4], "p", ARGV[5], "f", ARGV[6])
+"#;
 /// Entries read per `XREAD`.
 const READ_BATCH: usize = 512;
 /// How long one `XREAD` waits for new entries.
@@ -87,11 +99,15 @@ pub struct Cluster {
     timeout: Duration,
     retention: Duration,
     up: AtomicBool,
+    /// Set once this replica has read the retained stream up to its end.
+    caught_up: AtomicBool,
 }
 
 /// One event read from the stream.
 pub struct Delivery {
     pub seq: u64,
+    /// The webhook body's fingerprint, when it was deduplicated.
+    pub fingerprint: Option<u128>,
     pub id: String,
     pub envelope: Envelope,
 }
@@ -121,7 +137,14 @@ impl Cluster {
             timeout,
             retention,
             up: AtomicBool::new(false),
+            caught_up: AtomicBool::new(false),
         })))
+    }
+
+    /// Whether this replica has read everything retained in the stream since it started:
+    /// until then it is not ready, so clients do not resume against a partial log.
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
     }
 
     /// Whether the last Redis call succeeded.
@@ -131,13 +154,13 @@ impl Cluster {
 
     fn record<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         let up = result.is_ok();
+        metrics::gauge!(crate::telemetry::names::REDIS_UP).set(if up { 1.0 } else { 0.0 });
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("redis reachable: replicas share fan-out and retention");
             } else if let Err(err) = &result {
                 tracing::warn!(error = %err, "redis unreachable: serving local clients from local state");
             }
-            metrics::gauge!(crate::telemetry::names::REDIS_UP).set(if up { 1.0 } else { 0.0 });
         }
         result
     }
@@ -173,54 +196,40 @@ impl Cluster {
         self.bounded(call, self.timeout).await
     }
 
-    /// Appends an event to the shared stream, trimming what is older than retention.
-    pub async fn append(&self, envelope: &Envelope) -> Result<String, Error> {
+    /// Appends an event to the shared stream (trimmed by age), unless `dedupe` names a
+    /// fingerprint seen within its window: `Ok(None)`. One script, so "seen" and
+    /// "retained" cannot be separated by a crash.
+    pub async fn append(
+        &self,
+        envelope: &Envelope,
+        dedupe: Option<(u128, Duration)>,
+    ) -> Result<Option<String>, Error> {
         let mut connection = self.writer.clone();
         let min_id = format!(
             "{}-0",
             now_ms().saturating_sub(self.retention.as_millis() as u64)
         );
-        let mut command = redis::cmd("XADD");
-        command
-            .arg(STREAM)
-            .arg("MINID")
-            .arg("~")
-            .arg(min_id)
-            .arg("*")
-            .arg("e")
-            .arg(envelope.event.as_str())
-            .arg("i")
-            .arg(envelope.instance.as_str())
-            .arg("p")
-            .arg(envelope.payload.get());
-        let call = command.query_async::<String>(&mut connection);
-        self.bounded(call, self.timeout).await
-    }
-
-    /// Whether a webhook fingerprint was seen within `window` (shared by all replicas).
-    pub async fn seen(&self, fingerprint: u128, window: Duration) -> Result<bool, Error> {
-        let mut connection = self.writer.clone();
-        let key = format!("{DEDUPE_PREFIX}{fingerprint:032x}");
-        let seconds = window.as_secs().max(1);
-        let call = async move {
-            let fresh: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
-                .arg(seconds)
-                .query_async(&mut connection)
-                .await?;
-            if fresh.is_none() {
-                // A repeat refreshes the window, as Evolution keeps retrying.
-                let _: i64 = redis::cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(seconds)
-                    .query_async(&mut connection)
-                    .await?;
-            }
-            Ok(fresh.is_none())
+        let (dedupe_key, window, print) = match dedupe {
+            Some((print, window)) => (
+                format!("{DEDUPE_PREFIX}{print:032x}"),
+                window.as_secs().max(1),
+                format!("{print:032x}"),
+            ),
+            None => (String::new(), 0, String::new()),
         };
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(APPEND_ONCE)
+            .arg(2)
+            .arg(STREAM)
+            .arg(dedupe_key)
+            .arg(window)
+            .arg(min_id)
+            .arg(envelope.event.as_str())
+            .arg(envelope.instance.as_str())
+            .arg(envelope.payload.get())
+            .arg(print);
+        let call = command.query_async::<Option<String>>(&mut connection);
         self.bounded(call, self.timeout).await
     }
 
@@ -243,6 +252,9 @@ impl Cluster {
             for entry in key.ids {
                 deliveries.push(parse_entry(&entry.id, &entry.map)?);
             }
+        }
+        if deliveries.len() < READ_BATCH {
+            self.caught_up.store(true, Ordering::Relaxed);
         }
         Ok(deliveries)
     }
@@ -271,7 +283,11 @@ fn parse_entry(
     let event = EventName::parse(&text("e")?).map_err(malformed)?;
     let instance = InstanceName::parse(&text("i")?).map_err(malformed)?;
     let payload = RawValue::from_string(text("p")?).map_err(|_| Error::Malformed(id.to_owned()))?;
+    let fingerprint = text("f")
+        .ok()
+        .and_then(|hex| u128::from_str_radix(&hex, 16).ok());
     Ok(Delivery {
+        fingerprint,
         seq: seq_of(id).ok_or_else(|| Error::Malformed(id.to_owned()))?,
         id: id.to_owned(),
         envelope: Envelope {

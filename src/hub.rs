@@ -27,6 +27,7 @@ use socketioxide::{SocketIo, TransportType};
 use crate::auth::{self, Authenticator, Principal};
 use crate::cluster::Cluster;
 use crate::config::{self, Secret, comma_list};
+use crate::dedupe::Dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
 use crate::telemetry::{NamespaceLabels, names};
@@ -193,6 +194,21 @@ pub struct Hub {
     global_events: bool,
     /// With Redis, events go through the shared stream and come back to every replica.
     cluster: Option<Arc<Cluster>>,
+    /// Fingerprints of accepted webhooks (memory mode, or while Redis is unreachable).
+    dedupe: Arc<Dedupe>,
+    dedupe_window: Duration,
+    /// Fingerprints delivered here only because Redis failed: if the append did land after
+    /// all, the stream reader skips it instead of delivering it twice.
+    local_only: Arc<Mutex<HashMap<u128, std::time::Instant>>>,
+}
+
+/// What became of a published webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Retained and handed over for delivery.
+    Fresh,
+    /// A retry of an event already accepted within the dedupe window: nothing emitted.
+    Duplicate,
 }
 
 impl Hub {
@@ -203,6 +219,7 @@ impl Hub {
         upstream: Arc<Upstream>,
         replay: Arc<replay::Store>,
         cluster: Option<Arc<Cluster>>,
+        dedupe_window: Duration,
     ) -> Result<(SocketIoLayer, Hub), config::Error> {
         config.validate()?;
         let shared = Arc::new(Shared {
@@ -235,6 +252,9 @@ impl Hub {
                 allowed_events,
                 global_events: config.global_events,
                 cluster,
+                dedupe: Arc::new(Dedupe::new(dedupe_window)),
+                dedupe_window,
+                local_only: Arc::new(Mutex::new(HashMap::new())),
             },
         ))
     }
@@ -242,19 +262,37 @@ impl Hub {
     /// Publishes one event. When this returns, the event is retained: in the shared Redis
     /// stream (every replica, this one included, delivers it as it reads the stream), or,
     /// in memory mode or while Redis is unreachable, in this replica's log, delivered here.
-    pub async fn publish(&self, envelope: &Envelope) {
+    ///
+    /// With a `fingerprint`, a body already accepted within the dedupe window is a
+    /// `Duplicate`; in Redis mode the check and the append are one atomic script, so a
+    /// crash between them cannot turn a retry into a loss.
+    pub async fn publish(&self, envelope: &Envelope, fingerprint: Option<u128>) -> Published {
         if let Some(allowed) = &self.allowed_events
             && !allowed.contains(&envelope.event.upper_snake())
         {
-            return;
+            return Published::Fresh;
         }
         if let Some(cluster) = &self.cluster {
-            match cluster.append(envelope).await {
-                Ok(_) => return,
+            let dedupe = fingerprint.map(|print| (print, self.dedupe_window));
+            match cluster.append(envelope, dedupe).await {
+                Ok(Some(_)) => return Published::Fresh,
+                Ok(None) => return Published::Duplicate,
                 Err(err) => tracing::debug!(error = %err, "publishing locally"),
             }
         }
+        if let Some(print) = fingerprint {
+            if self.dedupe.seen(print) {
+                return Published::Duplicate;
+            }
+            if self.cluster.is_some() {
+                let mut local_only = self.local_only.lock().unwrap_or_else(|e| e.into_inner());
+                let now = std::time::Instant::now();
+                local_only.retain(|_, at| now.duration_since(*at) < LOCAL_ONLY_MEMORY);
+                local_only.insert(print, now);
+            }
+        }
         self.deliver(envelope, 0).await;
+        Published::Fresh
     }
 
     /// Emits one event to its instance's namespace (and `/` with global events on), as
@@ -290,18 +328,18 @@ impl Hub {
         log.append_at(envelope, seq);
         metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
 
-        let audience = self.shared.audience(namespace, upper);
-        if audience == 0 {
-            return;
-        }
-        let event = envelope.event.as_str();
-        let payload: &serde_json::value::RawValue = &envelope.payload;
         let scope = if namespace == "/" {
             "global"
         } else {
             "instance"
         };
         metrics::counter!(names::EVENTS_EMITTED, "scope" => scope).increment(1);
+        let audience = self.shared.audience(namespace, upper);
+        if audience == 0 {
+            return;
+        }
+        let event = envelope.event.as_str();
+        let payload: &serde_json::value::RawValue = &envelope.payload;
         let mut dropped = 0;
         if let Some(operators) = self.io.of(namespace)
             && let Err(err) = operators.to(rooms.clone()).emit(event, payload).await
@@ -331,14 +369,12 @@ impl Hub {
         }
     }
 
-    /// Follows the shared Redis stream and delivers what it reads, until the hub is gone.
-    /// Adopts the cluster's epoch once Redis answers; while it does not, retries.
-    pub fn spawn_cluster_reader(&self) {
-        let Some(cluster) = self.cluster.clone() else {
-            return;
-        };
+    /// Follows the shared Redis stream and delivers what it reads, until aborted (the app
+    /// does at shutdown). Adopts the cluster's epoch once Redis answers; retries meanwhile.
+    pub fn spawn_cluster_reader(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let cluster = self.cluster.clone()?;
         let hub = self.clone();
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             let mut after = cluster.start_id();
             let mut epoch_adopted = false;
             loop {
@@ -357,7 +393,14 @@ impl Hub {
                 match cluster.read(&after).await {
                     Ok(deliveries) => {
                         for delivery in deliveries {
-                            hub.deliver(&delivery.envelope, delivery.seq).await;
+                            let delivered_here = delivery.fingerprint.is_some_and(|print| {
+                                let mut local_only =
+                                    hub.local_only.lock().unwrap_or_else(|e| e.into_inner());
+                                local_only.remove(&print).is_some()
+                            });
+                            if !delivered_here {
+                                hub.deliver(&delivery.envelope, delivery.seq).await;
+                            }
                             after = delivery.id;
                         }
                     }
@@ -369,7 +412,7 @@ impl Hub {
                     }
                 }
             }
-        });
+        }))
     }
 
     /// Disconnects every socket (shutdown).
@@ -651,6 +694,9 @@ fn parse_filter(
     }
     Ok(filter)
 }
+
+/// How long a locally delivered fingerprint is remembered against a late stream entry.
+const LOCAL_ONLY_MEMORY: Duration = Duration::from_secs(3600);
 
 /// The pause before the stream reader tries Redis again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);

@@ -127,6 +127,9 @@ pub struct Store {
     epoch: std::sync::RwLock<String>,
     logs: Mutex<HashMap<String, Arc<NamespaceLog>>>,
     total_bytes: AtomicU64,
+    /// The newest sequence number given out in any namespace: a log created again after
+    /// a sweep starts above it, so it never reuses an offset.
+    last_seq: AtomicU64,
 }
 
 impl Store {
@@ -137,6 +140,7 @@ impl Store {
             epoch: std::sync::RwLock::new(new_epoch()),
             logs: Mutex::new(HashMap::new()),
             total_bytes: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
         }))
     }
 
@@ -160,9 +164,16 @@ impl Store {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
         logs.entry(namespace.to_owned())
             .or_insert_with(|| {
+                // Whatever this namespace had before (a swept log) is unknown now: an
+                // offset from then resumes with recovered: false.
+                let floor = self.last_seq.load(Ordering::Acquire);
                 Arc::new(NamespaceLog {
-                    inner: Mutex::new(LogInner::default()),
-                    head: watch::channel(0).0,
+                    inner: Mutex::new(LogInner {
+                        head: floor,
+                        evicted_through: floor,
+                        ..LogInner::default()
+                    }),
+                    head: watch::channel(floor).0,
                     gate: tokio::sync::Mutex::new(()),
                     store: Arc::downgrade(self),
                 })
@@ -263,7 +274,9 @@ impl NamespaceLog {
         let now = Instant::now();
         let (entry, incoming) = {
             let mut inner = self.lock();
+            // Per namespace, so every replica numbers a stream entry alike.
             let seq = seq.max(inner.head + 1);
+            store.last_seq.fetch_max(seq, Ordering::AcqRel);
             inner.head = seq;
             let entry = Arc::new(self.entry(envelope, seq, &epoch));
             let incoming = entry.bytes();

@@ -102,10 +102,15 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     // Redis only degrades: every replica shares it, and a blip must not take them all out.
-    let redis = health
-        .cluster
-        .as_ref()
-        .map(|cluster| if cluster.is_up() { "ok" } else { "degraded" });
+    let redis =
+        health
+            .cluster
+            .as_ref()
+            .map(|cluster| match (cluster.is_up(), cluster.is_caught_up()) {
+                (false, _) => "degraded",
+                (true, false) => "catching_up",
+                (true, true) => "ok",
+            });
     let mut body = if health.upstream_up().await {
         serde_json::json!({ "status": "ready", "upstream": "up" })
     } else {
@@ -114,7 +119,8 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     if let Some(redis) = redis {
         body["redis"] = redis.into();
     }
-    let status = if body["upstream"] == "up" {
+    // A replica still reading the retained stream would serve a partial log.
+    let status = if body["upstream"] == "up" && redis != Some("catching_up") {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -34,11 +34,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::cluster::Cluster;
 use crate::config::{self, Secret, comma_list};
-use crate::dedupe::{self, Dedupe};
+use crate::dedupe;
 use crate::envelope::{self, Envelope};
-use crate::hub::Hub;
+use crate::hub::{Hub, Published};
 use crate::telemetry::{self, names};
 
 /// Settings of the ingest endpoint.
@@ -235,9 +234,6 @@ pub struct Webhook {
     cidrs: Vec<IpNet>,
     jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
     hub: Hub,
-    dedupe: Dedupe,
-    /// With Redis, fingerprints are shared, so a retry to another replica is caught too.
-    cluster: Option<Arc<Cluster>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -245,7 +241,6 @@ impl Webhook {
     pub fn new(
         config: &Config,
         hub: Hub,
-        cluster: Option<Arc<Cluster>>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, config::Error> {
         config.validate()?;
@@ -268,28 +263,12 @@ impl Webhook {
             config: config.clone(),
             jwt,
             hub,
-            dedupe: Dedupe::new(Duration::from_secs(config.dedupe_window_secs)),
-            cluster,
             draining,
         })
     }
 
     pub fn path(&self) -> &str {
         &self.config.path
-    }
-
-    /// Shared fingerprints through Redis when it answers, this replica's otherwise.
-    async fn is_duplicate(&self, fingerprint: u128) -> bool {
-        let window = Duration::from_secs(self.config.dedupe_window_secs);
-        if window.is_zero() {
-            return false;
-        }
-        if let Some(cluster) = &self.cluster
-            && let Ok(seen) = cluster.seen(fingerprint, window).await
-        {
-            return seen;
-        }
-        self.dedupe.seen(fingerprint)
     }
 }
 
@@ -347,16 +326,19 @@ async fn accept(
         }
     }
 
-    // Stage 7: a retry of an accepted event is acknowledged, not emitted again.
-    if webhook.is_duplicate(dedupe::fingerprint(&body)).await {
+    // Stage 7: retain and hand over, unless it is a retry of an accepted event. The 200
+    // comes after the event is retained; publishing never waits for a socket. It runs as
+    // its own task so a client hanging up cannot cut it between "seen" and "retained".
+    let fingerprint = (webhook.config.dedupe_window_secs > 0).then(|| dedupe::fingerprint(&body));
+    let (hub, event) = (webhook.hub.clone(), envelope.clone());
+    let published = tokio::spawn(async move { hub.publish(&event, fingerprint).await })
+        .await
+        .unwrap_or(Published::Fresh);
+    if published == Published::Duplicate {
         metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
         tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
         return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());
     }
-
-    // Stage 8: retain and hand over; the 200 comes after the event is retained, and
-    // publishing never waits for a socket.
-    webhook.hub.publish(&envelope).await;
     tracing::debug!(
         instance = %envelope.instance,
         event = %envelope.event,

@@ -19,6 +19,8 @@ use crate::telemetry::names;
 
 /// How long a socket may leave its queue full before it is disconnected as a slow consumer.
 const SLOW_CONSUMER_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a resume waits for this replica to catch up with the client's offset.
+const LAG_PATIENCE: Duration = Duration::from_secs(2);
 /// Events read from the log at a time.
 const BATCH: usize = 256;
 
@@ -34,6 +36,16 @@ pub(super) async fn run(
 ) {
     let offset = session.resume.clone().unwrap_or_default();
     let mut head = log.subscribe();
+
+    // A replica still behind the shared stream may not have reached the client's offset:
+    // give it a moment rather than answer recovered: false and replay everything.
+    if let Some((offset_epoch, seq)) = offset.rsplit_once('-')
+        && offset_epoch == epoch
+        && let Ok(seq) = seq.parse::<u64>()
+        && seq > log.head()
+    {
+        let _ = tokio::time::timeout(LAG_PATIENCE, head.wait_for(|head| *head >= seq)).await;
+    }
 
     // Under the gate no event is appended: the state, the replay set and the cursor agree.
     let (mut cursor, replay) = {

@@ -134,3 +134,24 @@ fn state_for_late_joiners() {
     let state = log.state();
     assert_eq!(state.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
 }
+
+#[test]
+fn a_swept_log_never_reuses_offsets() {
+    let store = store(Config {
+        max_age_secs: 0,
+        ..Config::default()
+    });
+    let log = store.log("/acme");
+    let old = log.append(&envelope("call", 0));
+    log.append(&envelope("call", 1));
+    drop(log);
+    std::thread::sleep(Duration::from_millis(5));
+    store.sweep();
+    let log = store.log("/acme");
+    let new = log.append(&envelope("call", 2));
+    assert!(new.seq > 2, "numbering continues: {}", new.seq);
+    assert!(
+        !log.resume(&store.epoch(), &old.offset).recovered,
+        "what the old log had is unknown"
+    );
+}
