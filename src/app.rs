@@ -1,7 +1,8 @@
 //! The router and its layer order, and serving with graceful shutdown.
 //!
 //! Routes, outermost first:
-//! - `/socket.io/`: CORS → handshake key check (`auth::check_handshake`) → socket.io.
+//! - `/socket.io/`: CORS → admission (`guard::check_handshake`: rate limit, connection
+//!   cap) → handshake key check (`auth::check_handshake`) → socket.io.
 //!   The check must sit outside socket.io: middleware inside it never sees its traffic.
 //! - `{webhook.path}[/...]`: `webhook::ingest` (never proxied, whatever the path).
 //! - `/_sidecar/healthz`, `/_sidecar/readyz`; any other `/_sidecar/*` is 404.
@@ -25,6 +26,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::{self, Authenticator};
 use crate::cluster::Cluster;
 use crate::config::{self, Config};
+use crate::guard::{self, Guard};
 use crate::hub::{self, Hub};
 use crate::proxy::{self, Proxy};
 use crate::replay;
@@ -42,6 +44,8 @@ pub struct App {
     replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
     grace: Duration,
+    /// How often token-authenticated sockets are re-checked.
+    token_ttl: Duration,
 }
 
 impl App {
@@ -70,6 +74,7 @@ impl App {
             draining.clone(),
         )?);
         let proxy = Arc::new(Proxy::new(&config.upstream)?);
+        let guard = Arc::new(Guard::new(&config.guard, hub.connected())?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
             cluster,
@@ -80,6 +85,10 @@ impl App {
         // socket.io layer does not claim ends in a 404.
         let socketio = ServiceBuilder::new()
             .layer(cors(&config.hub))
+            .layer(axum::middleware::from_fn_with_state(
+                guard,
+                guard::check_handshake,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 auth,
                 auth::check_handshake,
@@ -128,6 +137,7 @@ impl App {
             replay,
             draining,
             grace: Duration::from_secs(config.shutdown_grace_secs),
+            token_ttl: Duration::from_secs(config.auth.token_cache_ttl_secs),
         })
     }
 
@@ -172,6 +182,7 @@ impl App {
     ) -> std::io::Result<()> {
         replay::spawn_sweeper(&self.replay);
         let reader = self.hub.spawn_cluster_reader();
+        let revalidator = self.hub.spawn_revalidator(self.token_ttl);
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tokio::spawn(drain(
@@ -210,6 +221,7 @@ impl App {
         if let Some(reader) = reader {
             reader.abort();
         }
+        revalidator.abort();
         result
     }
 }

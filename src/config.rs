@@ -19,7 +19,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{auth, cluster, hub, replay, telemetry, upstream, webhook};
+use crate::{auth, cluster, guard, hub, replay, telemetry, upstream, webhook};
 
 pub const ENV_CONFIG: &str = "SIDECAR_CONFIG";
 pub const ENV_LISTEN: &str = "SIDECAR_LISTEN";
@@ -35,6 +35,8 @@ pub const ENV_EVENTS: &str = "SIDECAR_EVENTS";
 pub const ENV_CORS_ORIGIN: &str = "CORS_ORIGIN";
 pub const ENV_SOCKET_BUFFER: &str = "SIDECAR_SOCKET_BUFFER";
 pub const ENV_MAX_EMIT_BYTES: &str = "SIDECAR_MAX_EMIT_BYTES";
+pub const ENV_PING_INTERVAL_SECS: &str = "SIDECAR_PING_INTERVAL_SECS";
+pub const ENV_PING_TIMEOUT_SECS: &str = "SIDECAR_PING_TIMEOUT_SECS";
 pub const ENV_WEBHOOK_PATH: &str = "SIDECAR_WEBHOOK_PATH";
 pub const ENV_WEBHOOK_JWT_SECRET: &str = "SIDECAR_WEBHOOK_JWT_SECRET";
 pub const ENV_WEBHOOK_JWT_LEEWAY_SECS: &str = "SIDECAR_WEBHOOK_JWT_LEEWAY_SECS";
@@ -53,6 +55,10 @@ pub const ENV_REPLAY_MAX_BYTES: &str = "SIDECAR_REPLAY_MAX_BYTES";
 pub const ENV_REPLAY_MAX_TOTAL_BYTES: &str = "SIDECAR_REPLAY_MAX_TOTAL_BYTES";
 pub const ENV_DEDUPE_WINDOW_SECS: &str = "SIDECAR_DEDUPE_WINDOW_SECS";
 pub const ENV_REDIS_URL: &str = "SIDECAR_REDIS_URL";
+pub const ENV_HANDSHAKE_RATE_PER_IP: &str = "SIDECAR_HANDSHAKE_RATE_PER_IP";
+pub const ENV_HANDSHAKE_BURST_PER_IP: &str = "SIDECAR_HANDSHAKE_BURST_PER_IP";
+pub const ENV_TRUSTED_PROXIES: &str = "SIDECAR_TRUSTED_PROXIES";
+pub const ENV_MAX_CONNECTIONS: &str = "SIDECAR_MAX_CONNECTIONS";
 pub const ENV_REDIS_TIMEOUT_MS: &str = "SIDECAR_REDIS_TIMEOUT_MS";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
@@ -100,6 +106,8 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_CORS_ORIGIN, "hub.cors_origin"),
     var(ENV_SOCKET_BUFFER, "hub.socket_buffer"),
     var(ENV_MAX_EMIT_BYTES, "hub.max_emit_bytes"),
+    var(ENV_PING_INTERVAL_SECS, "hub.ping_interval_secs"),
+    var(ENV_PING_TIMEOUT_SECS, "hub.ping_timeout_secs"),
     var(ENV_WEBHOOK_PATH, "webhook.path"),
     secret(ENV_WEBHOOK_JWT_SECRET, "webhook.jwt_secret"),
     var(ENV_WEBHOOK_JWT_LEEWAY_SECS, "webhook.jwt_leeway_secs"),
@@ -116,6 +124,10 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_REPLAY_MAX_TOTAL_BYTES, "replay.max_total_bytes"),
     secret(ENV_REDIS_URL, "redis.url"),
     var(ENV_REDIS_TIMEOUT_MS, "redis.timeout_ms"),
+    var(ENV_HANDSHAKE_RATE_PER_IP, "guard.handshake_rate_per_ip"),
+    var(ENV_HANDSHAKE_BURST_PER_IP, "guard.handshake_burst_per_ip"),
+    var(ENV_TRUSTED_PROXIES, "guard.trusted_proxies"),
+    var(ENV_MAX_CONNECTIONS, "guard.max_connections"),
 ];
 
 /// The whole configuration, one section per concern.
@@ -136,6 +148,7 @@ pub struct Config {
     pub webhook: webhook::Config,
     pub replay: replay::Config,
     pub redis: cluster::Config,
+    pub guard: guard::Config,
 }
 
 impl Default for Config {
@@ -151,6 +164,7 @@ impl Default for Config {
             webhook: webhook::Config::default(),
             replay: replay::Config::default(),
             redis: cluster::Config::default(),
+            guard: guard::Config::default(),
         }
     }
 }
@@ -204,6 +218,7 @@ impl Config {
         self.webhook.validate()?;
         self.replay.validate()?;
         self.redis.validate()?;
+        self.guard.validate()?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@
 //! ingest.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,10 @@ pub struct Config {
     /// The largest packet a client may send (socketioxide's default of 100 kB is too
     /// small for base64 media); a larger one closes that client's connection.
     pub max_emit_bytes: u64,
+    /// Engine.IO heartbeat: a client that answers no ping within interval + timeout (a
+    /// dead peer, or one that stopped reading) is disconnected. Node's defaults.
+    pub ping_interval_secs: u64,
+    pub ping_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -61,6 +65,8 @@ impl Default for Config {
             cors_origin: vec!["*".to_owned()],
             socket_buffer: 4096,
             max_emit_bytes: 16 * 1024 * 1024,
+            ping_interval_secs: 25,
+            ping_timeout_secs: 20,
         }
     }
 }
@@ -138,6 +144,7 @@ impl Session {
 /// State shared by every socket handler.
 struct Shared {
     auth: Arc<Authenticator>,
+    connected: Arc<AtomicUsize>,
     replay: Arc<replay::Store>,
     upstream: Arc<Upstream>,
     /// Sockets whose namespace lost a creation race inside socketioxide (two first
@@ -194,6 +201,8 @@ pub struct Hub {
     global_events: bool,
     /// With Redis, events go through the shared stream and come back to every replica.
     cluster: Option<Arc<Cluster>>,
+    /// Sockets connected now, for the connection cap (`guard`).
+    connected: Arc<AtomicUsize>,
     /// Fingerprints of accepted webhooks (memory mode, or while Redis is unreachable).
     dedupe: Arc<Dedupe>,
     dedupe_window: Duration,
@@ -222,8 +231,10 @@ impl Hub {
         dedupe_window: Duration,
     ) -> Result<(SocketIoLayer, Hub), config::Error> {
         config.validate()?;
+        let connected = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             auth,
+            connected: connected.clone(),
             replay,
             upstream,
             strays: Mutex::new(HashMap::new()),
@@ -233,6 +244,8 @@ impl Hub {
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
             .max_payload(config.max_emit_bytes)
+            .ping_interval(Duration::from_secs(config.ping_interval_secs.max(1)))
+            .ping_timeout(Duration::from_secs(config.ping_timeout_secs.max(1)))
             .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
             .with_state(shared.clone())
             .build_layer();
@@ -252,6 +265,7 @@ impl Hub {
                 allowed_events,
                 global_events: config.global_events,
                 cluster,
+                connected,
                 dedupe: Arc::new(Dedupe::new(dedupe_window)),
                 dedupe_window,
                 local_only: Arc::new(Mutex::new(HashMap::new())),
@@ -306,6 +320,24 @@ impl Hub {
         let namespace = envelope.instance.namespace();
         self.emit_to(&namespace, &rooms, &upper, envelope, seq)
             .await;
+        if matches!(
+            envelope.event.as_str(),
+            "instance.delete" | "remove.instance"
+        ) {
+            // Delivered first (the disconnect queues behind it): the instance is gone, and
+            // so is what its tokens may see. Global-key sockets stay.
+            if let Some(operators) = self.io.of(&namespace) {
+                for socket in operators.sockets() {
+                    let token = socket
+                        .extensions
+                        .get::<Session>()
+                        .is_some_and(|session| session.principal != Principal::Global);
+                    if token {
+                        revoke(&socket, "instance deleted");
+                    }
+                }
+            }
+        }
         if self.global_events {
             self.emit_to("/", &rooms, &upper, envelope, seq).await;
         }
@@ -415,9 +447,46 @@ impl Hub {
         }))
     }
 
+    /// Re-checks, every `period`, the key of each socket that joined with an instance token
+    /// (the cache asks the upstream again once its entry expired), and disconnects the ones
+    /// the upstream no longer accepts for their namespace: a rotated or deleted token. An
+    /// unreachable upstream revokes nothing. Runs until aborted.
+    pub fn spawn_revalidator(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period.max(Duration::from_secs(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                for socket in hub.io.nsps().into_iter().flat_map(|ns| ns.sockets()) {
+                    let Some(session) = socket.extensions.get::<Session>() else {
+                        continue;
+                    };
+                    if session.principal == Principal::Global {
+                        continue;
+                    }
+                    let still = match hub.shared.auth.resolve(session.key.expose()).await {
+                        Ok(principal) => principal.may_join(socket.ns()),
+                        Err(auth::Error::Invalid) => false,
+                        Err(auth::Error::Unavailable(_)) => true,
+                    };
+                    if !still {
+                        revoke(&socket, "token no longer accepted upstream");
+                    }
+                }
+            }
+        })
+    }
+
     /// Disconnects every socket (shutdown).
     pub async fn close(&self) {
         self.io.close().await;
+    }
+
+    /// The live count of connected sockets, shared with the connection cap.
+    pub fn connected(&self) -> Arc<AtomicUsize> {
+        self.connected.clone()
     }
 
     /// Connected sockets on this node, across namespaces.
@@ -549,6 +618,7 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
     };
     socket.on_fallback(on_emit);
     socket.on_disconnect(on_disconnect);
+    shared.connected.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(names::SOCKETS).increment(1.0);
     let label = shared.namespace_labels.label(socket.ns());
     metrics::gauge!(names::SOCKETS_BY_NAMESPACE, "namespace" => label).increment(1.0);
@@ -616,6 +686,7 @@ async fn on_disconnect(
     tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
     if let Some(session) = socket.extensions.get::<Session>() {
         session.gone.notify_one();
+        shared.connected.fetch_sub(1, Ordering::Relaxed);
         if session.resume.is_none() {
             shared.count(socket.ns(), &session, -1);
         }
@@ -651,6 +722,13 @@ async fn on_emit(
     if let Err(err) = ack.send(&reply) {
         tracing::debug!(sid = %socket.id, error = %err, "ack not delivered");
     }
+}
+
+/// Disconnects a socket whose access ended, with a logged reason and a metric.
+fn revoke(socket: &SocketRef, reason: &'static str) {
+    tracing::info!(sid = %socket.id, ns = socket.ns(), reason, "revoking socket");
+    metrics::counter!(names::REVOCATIONS, "reason" => reason).increment(1);
+    let _ = socket.clone().disconnect();
 }
 
 fn string_field(payload: Option<&Value>, name: &str) -> Option<String> {

@@ -11,6 +11,7 @@
 //! - [`envelope`]: the event, its three name forms, and the byte-exact emitted payload.
 //! - [`webhook`]: the ingest endpoint: credentials, limits, statuses.
 //! - [`hub`]: socket.io namespaces, namespace permission, filters, publish.
+//! - [`guard`]: handshake admission: per-IP rate limit and connection cap.
 //! - [`auth`]: API key → principal, cached upstream lookup, handshake check.
 //! - [`upstream`]: client emits → Evolution REST, with acks.
 //! - [`proxy`]: everything else, streamed to Evolution API.
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod envelope;
+pub mod guard;
 pub mod hub;
 pub mod proxy;
 pub mod replay;

@@ -150,6 +150,7 @@ pub mod names {
     pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
+    pub const REVOCATIONS: &str = "evo_socket_revocations_total";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

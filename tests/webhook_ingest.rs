@@ -273,6 +273,8 @@ async fn many_first_connections_to_a_new_namespace_all_receive() {
     js.shutdown().await;
 }
 
+const BAD_INPUT_JWT_KEY: &str = "bad-input-jwt-key";
+
 /// (what, url, body, content-type, status, error contains)
 type Case = (
     &'static str,
@@ -289,7 +291,10 @@ async fn bad_input_table() {
     let evolution = FakeEvolution::start().await;
     let mut config = test_config(&evolution.url());
     config.webhook.max_body_bytes = 65536;
+    config.webhook.jwt_secret = Some(evolution_realtime_secret(BAD_INPUT_JWT_KEY));
     let app = spawn_app(config).await;
+    // Every row carries a valid credential unless the row is about the credential.
+    let valid = format!("Bearer {}", evolution_jwt(BAD_INPUT_JWT_KEY, 0));
     let mut js = JsDriver::start().await;
     js.connect(
         "watch",
@@ -492,10 +497,63 @@ async fn bad_input_table() {
             "no such webhook path",
         ),
     ];
-    for (what, url, body, content_type, status, error) in cases {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let claims = json!({"iat": now(), "exp": now() + 600, "app": "evolution", "action": "webhook"});
+    let body = || event_body("call", "acme", 1).into_bytes();
+    let json_type = "application/json";
+    let jwt_rows: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "jwt alg none",
+            format!("Bearer {}", unsigned_jwt(&claims)),
+            401,
+            "jwt",
+        ),
+        (
+            "jwt wrong key",
+            format!("Bearer {}", evolution_jwt("another-key", 0)),
+            401,
+            "signature",
+        ),
+        (
+            "jwt expired beyond the leeway",
+            format!(
+                "Bearer {}",
+                evolution_jwt(BAD_INPUT_JWT_KEY, 600 + 1200 + 60)
+            ),
+            401,
+            "expired",
+        ),
+        (
+            "jwt without exp",
+            format!(
+                "Bearer {}",
+                sign_jwt(
+                    BAD_INPUT_JWT_KEY,
+                    &json!({"iat": now(), "app": "evolution", "action": "webhook"})
+                )
+            ),
+            401,
+            "exp",
+        ),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(what, url, body, content_type, status, error)| {
+            (what, url, body, content_type, valid.clone(), status, error)
+        })
+        .chain(jwt_rows.into_iter().map(|(what, auth, status, error)| {
+            (what, url.clone(), body(), json_type, auth, status, error)
+        }));
+    for (what, url, body, content_type, authorization, status, error) in cases {
         let response = http()
             .post(&url)
             .header("content-type", content_type)
+            .header("authorization", authorization)
             .body(body)
             .send()
             .await
@@ -517,6 +575,7 @@ async fn bad_input_table() {
     let response = http()
         .post(&url)
         .header("content-type", "application/json")
+        .header("authorization", valid.clone())
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
@@ -526,10 +585,15 @@ async fn bad_input_table() {
     js.assert_no_event("watch", Duration::from_millis(300))
         .await;
     // Still healthy: a good webhook goes through.
-    assert_eq!(
-        post_webhook(&url, event_body("call", "acme", 2)).await.0,
-        200
-    );
+    let response = http()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("authorization", valid)
+        .body(event_body("call", "acme", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
     assert_eq!(js.next_event("watch").await.0, "call");
     js.shutdown().await;
 }

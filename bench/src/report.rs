@@ -1,0 +1,293 @@
+//! Run with: used by `loadgen` (its JSON summaries) and `loadgen table <results.jsonl>` (the
+//! comparison table of `bench/run.sh`).
+//!
+//! Latency is recorded in microseconds into HDR histograms (3 significant digits) and
+//! reported in milliseconds.
+
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+/// Microseconds from 1 µs to one hour, 3 significant digits; larger values are clamped.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Histograms split into shards, so thousands of client tasks seldom wait on one lock.
+pub struct Shards {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Shards {
+    pub fn new(count: usize) -> Self {
+        Self {
+            shards: (0..count.max(1)).map(|_| Mutex::new(histogram())).collect(),
+        }
+    }
+
+    /// Records `micros` in the shard of `key` (a client index).
+    pub fn record(&self, key: usize, micros: u64) {
+        let shard = &self.shards[key % self.shards.len()];
+        shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(micros);
+    }
+
+    pub fn merged(&self) -> Histogram<u64> {
+        let mut all = histogram();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            all.add(&*shard).expect("same bounds");
+        }
+        all
+    }
+}
+
+/// `{"count", "p50", "p90", "p99", "max"}`, in milliseconds (`null` when empty).
+pub fn percentiles_ms(histogram: &Histogram<u64>) -> Value {
+    if histogram.is_empty() {
+        return json!({"count": 0, "p50": null, "p90": null, "p99": null, "max": null});
+    }
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    json!({
+        "count": histogram.len(),
+        "p50": ms(histogram.value_at_quantile(0.50)),
+        "p90": ms(histogram.value_at_quantile(0.90)),
+        "p99": ms(histogram.value_at_quantile(0.99)),
+        "max": ms(histogram.max()),
+    })
+}
+
+/// `p50 1.234 ms, p90 ..., p99 ..., max ...` for the human lines.
+pub fn percentiles_line(histogram: &Histogram<u64>) -> String {
+    if histogram.is_empty() {
+        return "no samples".to_owned();
+    }
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    format!(
+        "p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} samples)",
+        ms(histogram.value_at_quantile(0.50)),
+        ms(histogram.value_at_quantile(0.90)),
+        ms(histogram.value_at_quantile(0.99)),
+        ms(histogram.max()),
+        histogram.len()
+    )
+}
+
+/// One row of the table: where the number sits in a JSON summary.
+struct Metric {
+    label: &'static str,
+    pointer: &'static str,
+    scale: f64,
+    decimals: usize,
+}
+
+const fn metric(label: &'static str, pointer: &'static str, decimals: usize) -> Metric {
+    Metric {
+        label,
+        pointer,
+        scale: 1.0,
+        decimals,
+    }
+}
+
+const MIB: f64 = 1.0 / 1024.0;
+
+const FANOUT: &[Metric] = &[
+    metric("webhooks accepted/s", "/webhooks/accepted_per_s", 0),
+    metric("deliveries/s", "/deliveries/per_s", 0),
+    metric("lost deliveries", "/deliveries/lost", 0),
+    metric("latency p50 ms", "/latency_ms/p50", 3),
+    metric("latency p90 ms", "/latency_ms/p90", 3),
+    metric("latency p99 ms", "/latency_ms/p99", 3),
+    metric("latency max ms", "/latency_ms/max", 3),
+    metric("server CPU ms/1k deliveries", "/server/cpu_ms_per_1k", 2),
+    Metric {
+        label: "server RSS peak MiB",
+        pointer: "/server/rss_peak_kib",
+        scale: MIB,
+        decimals: 1,
+    },
+    metric("loadgen CPU %", "/loadgen/cpu_percent", 0),
+];
+
+const IDLE: &[Metric] = &[
+    metric("connected", "/clients/connected", 0),
+    metric(
+        "server RSS bytes/connection",
+        "/server/rss_bytes_per_connection",
+        0,
+    ),
+    metric("connect p50 ms", "/connect_ms/p50", 3),
+    metric("connect p99 ms", "/connect_ms/p99", 3),
+    metric("connect max ms", "/connect_ms/max", 3),
+    Metric {
+        label: "server RSS after MiB",
+        pointer: "/server/rss_after_kib",
+        scale: MIB,
+        decimals: 1,
+    },
+];
+
+const EMIT_REST: &[Metric] = &[
+    metric("calls/s", "/calls/per_s", 0),
+    metric("failed calls", "/calls/failed", 0),
+    metric("ack p50 ms", "/ack_ms/p50", 3),
+    metric("ack p99 ms", "/ack_ms/p99", 3),
+    metric("added p50 ms", "/added_ms/p50", 3),
+    metric("added p99 ms", "/added_ms/p99", 3),
+    metric("server CPU ms/1k calls", "/server/cpu_ms_per_1k", 2),
+];
+
+/// The servers compared, in column order.
+pub const SERVERS: [&str; 3] = ["ours", "peer", "floor"];
+
+/// The comparison table: one row per scenario and metric, a column per server, and the
+/// ratios ours/peer and ours/floor. `results` are JSON summaries carrying `scenario` and
+/// `server` labels (or `{"scenario", "server", "error"}` for a run that failed).
+pub fn table(results: &[Value]) -> String {
+    let mut scenarios: Vec<&str> = Vec::new();
+    for result in results {
+        if let Some(name) = result["scenario"].as_str()
+            && !scenarios.contains(&name)
+        {
+            scenarios.push(name);
+        }
+    }
+    let mut out = format!(
+        "{:<14} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
+        "scenario", "metric", "ours", "peer", "floor", "ours/peer", "ours/floor"
+    );
+    for scenario in scenarios {
+        // The last result of a scenario and server wins.
+        let of = |server: &str| {
+            results
+                .iter()
+                .rev()
+                .find(|r| r["scenario"] == scenario && r["server"] == server)
+        };
+        let columns: Vec<Option<&Value>> = SERVERS.iter().map(|server| of(server)).collect();
+        let mode = columns
+            .iter()
+            .flatten()
+            .find_map(|r| r["mode"].as_str())
+            .unwrap_or("");
+        let metrics = match mode {
+            "fanout" => FANOUT,
+            "idle" => IDLE,
+            "emit-rest" => EMIT_REST,
+            _ => {
+                let cells: Vec<&str> = columns.iter().map(|c| cell_state(*c)).collect();
+                out.push_str(&format!(
+                    "{:<14} {:<28} {:>11} {:>11} {:>11}\n",
+                    scenario, "(no result)", cells[0], cells[1], cells[2]
+                ));
+                continue;
+            }
+        };
+        for metric in metrics {
+            let values: Vec<Option<f64>> = columns
+                .iter()
+                .map(|c| {
+                    c.and_then(|r| r.pointer(metric.pointer))
+                        .and_then(Value::as_f64)
+                        .map(|v| v * metric.scale)
+                })
+                .collect();
+            let shown: Vec<String> = values
+                .iter()
+                .zip(&columns)
+                .map(|(value, column)| match value {
+                    Some(v) => format!("{v:.prec$}", prec = metric.decimals),
+                    None => cell_state(*column).to_owned(),
+                })
+                .collect();
+            let ratio = |other: Option<f64>| match (values[0], other) {
+                (Some(ours), Some(other)) if other != 0.0 => format!("{:.2}", ours / other),
+                _ => "-".to_owned(),
+            };
+            out.push_str(&format!(
+                "{:<14} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
+                scenario,
+                metric.label,
+                shown[0],
+                shown[1],
+                shown[2],
+                ratio(values[1]),
+                ratio(values[2])
+            ));
+        }
+    }
+    out.push_str(
+        "ratios are plain quotients: above 1 means ours is higher \
+         (better for rates, worse for latency, CPU and memory)\n",
+    );
+    out
+}
+
+fn cell_state(result: Option<&Value>) -> &'static str {
+    match result {
+        None => "-",
+        Some(r) if r.get("error").is_some() => "failed",
+        Some(r) if r.get("skipped").is_some() => "skipped",
+        Some(_) => "-",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_in_milliseconds() {
+        let mut h = histogram();
+        for micros in 1..=1000 {
+            h.record(micros).unwrap();
+        }
+        let p = percentiles_ms(&h);
+        assert_eq!(p["count"], 1000);
+        assert_eq!(p["p50"], 0.5);
+        assert_eq!(p["max"], 1.0);
+        assert_eq!(percentiles_ms(&histogram())["p50"], Value::Null);
+    }
+
+    #[test]
+    fn shards_merge() {
+        let shards = Shards::new(4);
+        for key in 0..10 {
+            shards.record(key, 100);
+        }
+        assert_eq!(shards.merged().len(), 10);
+    }
+
+    #[test]
+    fn table_has_ratios_and_marks_missing_servers() {
+        let results = vec![
+            json!({"scenario": "s1", "server": "ours", "mode": "fanout",
+                   "deliveries": {"per_s": 2000.0, "lost": 0}, "latency_ms": {"p50": 1.0}}),
+            json!({"scenario": "s1", "server": "floor", "mode": "fanout",
+                   "deliveries": {"per_s": 4000.0, "lost": 0}, "latency_ms": {"p50": 0.5}}),
+            json!({"scenario": "s1", "server": "peer", "error": "exit 1"}),
+        ];
+        let table = table(&results);
+        let row = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(label))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("deliveries/s")[2..],
+            ["2000", "failed", "4000", "-", "0.50"]
+        );
+        assert_eq!(
+            row("latency p50")[4..],
+            ["1.000", "failed", "0.500", "-", "2.00"]
+        );
+    }
+}
