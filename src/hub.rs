@@ -683,7 +683,12 @@ async fn on_disconnect(
     reason: DisconnectReason,
     State(shared): State<Arc<Shared>>,
 ) {
-    tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
+    if matches!(reason, DisconnectReason::HeartbeatTimeout) {
+        // A dead peer, or one that stopped reading (its queue is bounded by socket_buffer).
+        tracing::info!(sid = %socket.id, ns = socket.ns(), "socket answered no ping: disconnected");
+    } else {
+        tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
+    }
     if let Some(session) = socket.extensions.get::<Session>() {
         session.gone.notify_one();
         shared.connected.fetch_sub(1, Ordering::Relaxed);
