@@ -124,4 +124,5 @@ async fn main() {
     with_redis.redis.url = Some(Secret::new(format!("redis://127.0.0.1:{port}/")));
     throughput("Redis mode", with_redis, 5, 8).await;
     let _ = redis.kill();
+    let _ = redis.wait();
 }
