@@ -31,18 +31,12 @@ async fn a_flood_of_bad_keys_is_rate_limited_per_client_ip() {
     for i in 0..30 {
         statuses.push(handshake(&app, &format!("bad-key-{i}"), None).await);
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 403).count(),
-        5,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 429).count(),
-        25,
-        "{statuses:?}"
-    );
+    // The burst of 5, plus at most a token or two refilled (1/s) on a slow machine.
+    let refused = statuses.iter().filter(|s| **s == 403).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!((5..=7).contains(&refused) && refused + limited == 30, "{statuses:?}");
     assert!(
-        evolution.lookups() <= 6,
+        evolution.lookups() <= refused,
         "the flood did not become upstream lookups: {}",
         evolution.lookups()
     );
