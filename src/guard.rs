@@ -51,8 +51,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            handshake_rate_per_ip: 20,
-            handshake_burst_per_ip: 100,
+            handshake_rate_per_ip: 50,
+            handshake_burst_per_ip: 500,
             trusted_proxies: Vec::new(),
             max_connections: 0,
         }

@@ -152,7 +152,7 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match bind(config.listen) {
             Ok(listener) => listener,
             Err(err) => {
                 eprintln!("evo-realtime: cannot listen on {}: {err}", config.listen);
@@ -194,6 +194,21 @@ fn serve(config: Config) -> ExitCode {
         }
     })
 }
+
+/// Binds with a listen backlog of 1,024 (tokio's default is 128): a reconnect storm after a
+/// deploy would otherwise overflow it, and every dropped SYN costs a client a 1 s retry.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Completes on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {

@@ -34,7 +34,10 @@ async fn a_flood_of_bad_keys_is_rate_limited_per_client_ip() {
     // The burst of 5, plus at most a token or two refilled (1/s) on a slow machine.
     let refused = statuses.iter().filter(|s| **s == 403).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!((5..=7).contains(&refused) && refused + limited == 30, "{statuses:?}");
+    assert!(
+        (5..=7).contains(&refused) && refused + limited == 30,
+        "{statuses:?}"
+    );
     assert!(
         evolution.lookups() <= refused,
         "the flood did not become upstream lookups: {}",

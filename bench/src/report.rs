@@ -103,10 +103,14 @@ const FANOUT: &[Metric] = &[
     metric("latency p90 ms", "/latency_ms/p90", 3),
     metric("latency p99 ms", "/latency_ms/p99", 3),
     metric("latency max ms", "/latency_ms/max", 3),
-    metric("server CPU ms/1k deliveries", "/server/cpu_ms_per_1k", 2),
+    metric(
+        "server CPU ms/1k deliveries",
+        "/server_stats/cpu_ms_per_1k",
+        2,
+    ),
     Metric {
         label: "server RSS peak MiB",
-        pointer: "/server/rss_peak_kib",
+        pointer: "/server_stats/rss_peak_kib",
         scale: MIB,
         decimals: 1,
     },
@@ -117,7 +121,7 @@ const IDLE: &[Metric] = &[
     metric("connected", "/clients/connected", 0),
     metric(
         "server RSS bytes/connection",
-        "/server/rss_bytes_per_connection",
+        "/server_stats/rss_bytes_per_connection",
         0,
     ),
     metric("connect p50 ms", "/connect_ms/p50", 3),
@@ -125,7 +129,7 @@ const IDLE: &[Metric] = &[
     metric("connect max ms", "/connect_ms/max", 3),
     Metric {
         label: "server RSS after MiB",
-        pointer: "/server/rss_after_kib",
+        pointer: "/server_stats/rss_after_kib",
         scale: MIB,
         decimals: 1,
     },
@@ -138,7 +142,7 @@ const EMIT_REST: &[Metric] = &[
     metric("ack p99 ms", "/ack_ms/p99", 3),
     metric("added p50 ms", "/added_ms/p50", 3),
     metric("added p99 ms", "/added_ms/p99", 3),
-    metric("server CPU ms/1k calls", "/server/cpu_ms_per_1k", 2),
+    metric("server CPU ms/1k calls", "/server_stats/cpu_ms_per_1k", 2),
 ];
 
 /// The servers compared, in column order.

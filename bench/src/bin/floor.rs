@@ -25,7 +25,7 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -95,7 +95,7 @@ impl Registry {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match listen(args.listen) {
         Ok(listener) => listener,
         Err(err) => {
             eprintln!("floor: cannot listen on {}: {err}", args.listen);
@@ -127,6 +127,19 @@ async fn main() {
             }
         });
     }
+}
+
+/// A listener with a 1,024-connection backlog (tokio's `bind` uses 128, which drops SYNs
+/// when hundreds of clients connect at once).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// `Some(true)` for a `GET ` (WebSocket upgrade), `Some(false)` for anything else, `None`

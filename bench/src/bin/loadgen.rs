@@ -78,8 +78,9 @@ struct Common {
     /// Namespaces are `/<prefix><n>`, n = 0..instances.
     #[arg(long, default_value = "bench-")]
     instance_prefix: String,
-    /// Handshakes in flight at once while clients connect.
-    #[arg(long, default_value_t = 200)]
+    /// Handshakes in flight at once while clients connect. Keep it under the server's listen
+    /// backlog (128 for a tokio `TcpListener::bind`), or connect times measure SYN retries.
+    #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
     /// Copied into the JSON summary (run.sh: the scenario's name).
     #[arg(long, default_value = "")]
@@ -322,6 +323,7 @@ async fn connect_clients(
                 Ok(Ok(ws)) => {
                     let stat = Arc::new(ClientStat::default());
                     let _ = report_tx.send((index, Ok((elapsed_us, instance, stat.clone()))));
+                    drop(report_tx);
                     receive(ws, ns, instances as u64, stat, latency, index).await;
                 }
                 Ok(Err(err)) => {
@@ -342,7 +344,12 @@ async fn connect_clients(
         errors: Vec::new(),
         elapsed: Duration::ZERO,
     };
-    while let Some((index, outcome)) = report_rx.recv().await {
+    // Connected clients keep their sender while they live: count the reports instead of
+    // waiting for the channel to close.
+    for _ in 0..count {
+        let Some((index, outcome)) = report_rx.recv().await else {
+            break;
+        };
         match outcome {
             Ok((micros, instance, stat)) => {
                 clients.connect_us.saturating_record(micros);
@@ -747,9 +754,10 @@ async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
         last_response_ns: AtomicU64::new(0),
         max_lag_us: AtomicU64::new(0),
     };
-    let bare = plan.body(u64::MAX / 2, u64::MAX / 2).len();
+    // Sized for a typical seq (6 digits) and sent_ns (11 digits).
+    let bare = plan.body(100_000, 10_000_000_000).len();
     plan.pad = "x".repeat(args.payload.saturating_sub(bare));
-    let body_bytes = plan.body(0, 0).len();
+    let body_bytes = plan.body(100_000, 10_000_000_000).len();
 
     let cpu_start = watch.cpu();
     let start_ns = now_ns();
@@ -790,7 +798,11 @@ async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
     let drain = sent_done.elapsed();
     let cpu_end = watch.cpu();
     let rss_after = watch.rss_kib();
-    let rss_peak = peak.as_ref().map(PeakRss::kib);
+    // The sampler may have missed the last growth: the peak is at least the last reading.
+    let rss_peak = peak
+        .as_ref()
+        .map(PeakRss::kib)
+        .map(|kib| kib.max(rss_after.unwrap_or(0)));
     drop(peak);
 
     // Per client: what it should have had against what it got.
@@ -915,7 +927,7 @@ async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
                 "drain_seconds": drain.as_secs_f64(),
             },
             "latency_ms": report::percentiles_ms(&latency),
-            "server": server,
+            "server_stats": server,
             "loadgen": loadgen,
         }),
     })
@@ -949,7 +961,11 @@ async fn idle(args: IdleArgs) -> Result<Summary, String> {
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let cpu_end = watch.cpu();
     let rss_after = watch.rss_kib();
-    let rss_peak = peak.as_ref().map(PeakRss::kib);
+    // The sampler may have missed the last growth: the peak is at least the last reading.
+    let rss_peak = peak
+        .as_ref()
+        .map(PeakRss::kib)
+        .map(|kib| kib.max(rss_after.unwrap_or(0)));
     drop(peak);
     let gone = clients
         .stats
@@ -982,7 +998,7 @@ async fn idle(args: IdleArgs) -> Result<Summary, String> {
             "clients": connect_summary(&clients, args.clients),
             "connect_ms": report::percentiles_ms(&clients.connect_us),
             "disconnected": gone,
-            "server": server,
+            "server_stats": server,
             "loadgen": Watch::loadgen_json(cpu_start, cpu_end),
         }),
     })
@@ -1173,7 +1189,11 @@ async fn emit_rest(args: EmitRestArgs) -> Result<Summary, String> {
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_end = watch.cpu();
     let rss_after = watch.rss_kib();
-    let rss_peak = peak.as_ref().map(PeakRss::kib);
+    // The sampler may have missed the last growth: the peak is at least the last reading.
+    let rss_peak = peak
+        .as_ref()
+        .map(PeakRss::kib)
+        .map(|kib| kib.max(rss_after.unwrap_or(0)));
     drop(peak);
     let acks = acks.merged();
     let statuses = statuses.lock().unwrap().clone();
@@ -1213,7 +1233,7 @@ async fn emit_rest(args: EmitRestArgs) -> Result<Summary, String> {
             "ack_ms": report::percentiles_ms(&acks),
             "direct_ms": report::percentiles_ms(&direct),
             "added_ms": {"p50": added(0.5), "p90": added(0.9), "p99": added(0.99)},
-            "server": server,
+            "server_stats": server,
             "loadgen": Watch::loadgen_json(cpu_start, cpu_end),
         }),
     })

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Run with: bench/run.sh   (all scenarios, ours vs peer vs floor, ~15 min on a quiet machine)
+#      or:  SMOKE=1 bench/run.sh   (5-second fanout against evo-realtime only; fails on any loss)
+#
+# Builds evo-realtime and evo-bench in release mode, then for each scenario starts each server
+# afresh (evo-realtime = ours, the Node socket.io peer = peer, bench's floor server = floor),
+# pinned to one core, runs the load generator pinned to another, stops the server, and at the
+# end prints one table with ratio columns (ours/peer, ours/floor). Results (one JSON summary
+# per run, server logs, load generator output, the table) go to bench/results/<time>/.
+#
+# Environment:
+#   SMOKE=1              the CI smoke run described above
+#   SERVERS="ours peer floor"    which servers to run (the peer is skipped if absent)
+#   SCENARIOS="fanout-500 ..."   which scenarios to run (names below)
+#   DURATION=10          seconds of sending per fanout/emit scenario (scale-10k: 30)
+#   SERVER_CPU=0 LOADGEN_CPU=1   cores for taskset; PIN=0 turns pinning off
+#   BUILD=0              skip the cargo build
+#   PEER_DIR=...         the Node peer (default: ../shared/peers/node-socketio)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+APIKEY=bench-secret
+OURS_PORT=8093
+PEER_PORT=8091
+FLOOR_PORT=8095
+UPSTREAM=127.0.0.1:8099 # the fake Evolution API that `loadgen emit-rest` serves
+DURATION=${DURATION:-10}
+ALL_SCENARIOS="fanout-500 fanout-max latency-1k idle-1k idle-5k idle-10k payload-16k scale-10k emit-rest"
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  SERVERS=${SERVERS:-ours}
+  SCENARIOS=${SCENARIOS:-smoke}
+  PIN=${PIN:-0}
+else
+  SERVERS=${SERVERS:-ours peer floor}
+  SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
+fi
+
+say() { printf 'run.sh: %s\n' "$*" >&2; }
+
+# --- build ---------------------------------------------------------------------------------
+if [ "${BUILD:-1}" = 1 ]; then
+  say "building release binaries"
+  cargo build --release -p evo-realtime -p evo-bench
+fi
+loadgen=target/release/loadgen
+
+# --- the Node peer -------------------------------------------------------------------------
+peer_dir=${PEER_DIR:-$root/../shared/peers/node-socketio}
+if [[ " $SERVERS " == *" peer "* ]]; then
+  if [ ! -x "$peer_dir/run.sh" ]; then
+    say "no Node peer at $peer_dir (../shared/peers is absent in a plain clone): skipping the peer"
+    SERVERS=${SERVERS//peer/}
+  elif ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "node or npm not on PATH: skipping the Node peer"
+    SERVERS=${SERVERS//peer/}
+  fi
+fi
+
+# --- limits and pinning --------------------------------------------------------------------
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+  say "open files limited to $(ulimit -n): scenarios with 10,000 sockets may fail"
+fi
+pin_server=()
+pin_loadgen=()
+if [ "${PIN:-1}" = 1 ]; then
+  if command -v taskset >/dev/null && [ "$(nproc --all)" -ge 2 ]; then
+    pin_server=(taskset -c "${SERVER_CPU:-0}")
+    pin_loadgen=(taskset -c "${LOADGEN_CPU:-1}")
+    say "server on core ${SERVER_CPU:-0}, load generator on core ${LOADGEN_CPU:-1}"
+  else
+    say "taskset or a second core missing: not pinning"
+  fi
+fi
+
+# --- output --------------------------------------------------------------------------------
+out_dir=bench/results/$(date +%Y%m%d-%H%M%S)
+if [ "${SMOKE:-0}" = 1 ]; then out_dir=$out_dir-smoke; fi
+mkdir -p "$out_dir"
+results=$out_dir/results.jsonl
+: >"$results"
+
+# --- servers -------------------------------------------------------------------------------
+server_pid=
+stop_server() {
+  [ -n "$server_pid" ] || return 0
+  kill -TERM "$server_pid" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+trap stop_server EXIT
+
+# start_server NAME LOG: starts it in the background; sets server_pid, url, hook.
+start_server() {
+  local name=$1 log=$2
+  case $name in
+    ours)
+      url=http://127.0.0.1:$OURS_PORT hook=/_sidecar/webhook
+      # Every benchmark client comes from 127.0.0.1: lift the per-IP handshake limit (20/s
+      # by default), or most of them get 429.
+      env AUTHENTICATION_API_KEY=$APIKEY SIDECAR_LISTEN=127.0.0.1:$OURS_PORT \
+        SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
+        SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 \
+        "${pin_server[@]}" target/release/evo-realtime >"$log" 2>&1 &
+      ;;
+    peer)
+      url=http://127.0.0.1:$PEER_PORT hook=/webhook
+      env PORT=$PEER_PORT APIKEY=$APIKEY "${pin_server[@]}" "$peer_dir/run.sh" >"$log" 2>&1 &
+      ;;
+    floor)
+      url=http://127.0.0.1:$FLOOR_PORT hook=/webhook
+      "${pin_server[@]}" target/release/floor --listen 127.0.0.1:$FLOOR_PORT >"$log" 2>&1 &
+      ;;
+    *) say "unknown server $name"; return 1 ;;
+  esac
+  server_pid=$!
+  # The peer's first start runs npm install: allow for it.
+  "$loadgen" wait --url "$url" --pid "$server_pid" --timeout 180
+}
+
+# --- scenarios -----------------------------------------------------------------------------
+# scenario_args NAME: the load generator's arguments (without --url, --pid, ...).
+scenario_args() {
+  case $1 in
+    smoke) echo "fanout --clients 50 --instances 2 --rate 200 --conns 2 --duration 5 --drain 5 --strict" ;;
+    fanout-500) echo "fanout --clients 1000 --instances 10 --rate 500 --conns 4 --duration $DURATION" ;;
+    fanout-max) echo "fanout --clients 1000 --instances 10 --rate 0 --conns 8 --duration $DURATION" ;;
+    latency-1k) echo "fanout --clients 100 --instances 1 --rate 1000 --conns 4 --duration $DURATION" ;;
+    idle-1k) echo "idle --clients 1000 --instances 10" ;;
+    idle-5k) echo "idle --clients 5000 --instances 10" ;;
+    idle-10k) echo "idle --clients 10000 --instances 10" ;;
+    payload-16k) echo "fanout --clients 1000 --instances 10 --rate 200 --payload 16384 --conns 4 --duration $DURATION" ;;
+    scale-10k) echo "fanout --clients 10000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20" ;;
+    emit-rest) echo "emit-rest --clients 10 --instances 1 --duration $DURATION --upstream-listen $UPSTREAM" ;;
+    *) return 1 ;;
+  esac
+}
+
+failures=0
+for scenario in $SCENARIOS; do
+  if ! args=$(scenario_args "$scenario"); then
+    say "unknown scenario $scenario (known: smoke $ALL_SCENARIOS)"
+    exit 64
+  fi
+  for server in $SERVERS; do
+    if [ "$scenario" = emit-rest ] && [ "$server" != ours ]; then
+      # Only evo-realtime forwards client emits to a REST upstream.
+      echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"skipped\":\"no client emits\"}" >>"$results"
+      continue
+    fi
+    say "== $scenario on $server"
+    log=$out_dir/$scenario-$server
+    if ! start_server "$server" "$log.server.log"; then
+      echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"error\":\"server did not start\"}" >>"$results"
+      failures=$((failures + 1))
+      stop_server
+      continue
+    fi
+    hook_args=()
+    [[ $args == fanout* ]] && hook_args=(--webhook-path "$hook")
+    lines_before=$(wc -l <"$results")
+    set +e
+    # shellcheck disable=SC2086 # $args is a word list on purpose
+    "${pin_loadgen[@]}" "$loadgen" $args "${hook_args[@]}" --url "$url" --apikey "$APIKEY" \
+      --pid "$server_pid" --scenario "$scenario" --server "$server" --json-out "$results" \
+      | tee "$log.loadgen.txt"
+    status=${PIPESTATUS[0]}
+    set -e
+    if [ "$status" != 0 ]; then
+      failures=$((failures + 1))
+      say "$scenario on $server: load generator exited $status"
+      if [ "$(wc -l <"$results")" = "$lines_before" ]; then
+        echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"error\":\"exit $status\"}" >>"$results"
+      fi
+    fi
+    stop_server
+  done
+done
+
+echo
+"$loadgen" table "$results" | tee "$out_dir/table.txt"
+say "results in $out_dir"
+if [ "$failures" != 0 ]; then
+  say "$failures run(s) failed"
+  exit 1
+fi
