@@ -247,6 +247,8 @@ impl Hub {
             .ping_interval(Duration::from_secs(config.ping_interval_secs.max(1)))
             .ping_timeout(Duration::from_secs(config.ping_timeout_secs.max(1)))
             .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
+            // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
+            .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(shared.clone())
             .build_layer();
 
@@ -780,6 +782,9 @@ fn parse_filter(
 
 /// How long a locally delivered fingerprint is remembered against a late stream entry.
 const LOCAL_ONLY_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).
+const WS_READ_BUFFER: usize = 1024;
 
 /// The pause before the stream reader tries Redis again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
