@@ -5,7 +5,8 @@
 //!   cap) → handshake key check (`auth::check_handshake`) → socket.io.
 //!   The check must sit outside socket.io: middleware inside it never sees its traffic.
 //! - `{webhook.path}[/...]`: `webhook::ingest` (never proxied, whatever the path).
-//! - `/_sidecar/healthz`, `/_sidecar/readyz`; any other `/_sidecar/*` is 404.
+//! - `/_sidecar/healthz`, `/_sidecar/readyz`, `/_sidecar/inspector` (unless turned off); any
+//!   other `/_sidecar/*` is 404.
 //! - everything else: `proxy::forward` to Evolution API, with no CORS added.
 
 use std::convert::Infallible;
@@ -28,6 +29,7 @@ use crate::cluster::Cluster;
 use crate::config::{self, Config};
 use crate::guard::{self, Guard};
 use crate::hub::{self, Hub};
+use crate::inspector;
 use crate::proxy::{self, Proxy};
 use crate::replay;
 use crate::telemetry::{self, Health};
@@ -117,6 +119,9 @@ impl App {
                 None
             }
         };
+        if config.inspector {
+            sidecar = sidecar.merge(inspector::routes().with_state(()));
+        }
 
         let router = Router::new()
             .route_service("/socket.io/", socketio.clone())

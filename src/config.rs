@@ -49,6 +49,7 @@ pub const ENV_WEBHOOK_READ_TIMEOUT_SECS: &str = "SIDECAR_WEBHOOK_READ_TIMEOUT_SE
 pub const ENV_LOG_FORMAT: &str = "SIDECAR_LOG_FORMAT";
 pub const ENV_SHUTDOWN_GRACE_SECS: &str = "SIDECAR_SHUTDOWN_GRACE_SECS";
 pub const ENV_METRICS_LISTEN: &str = "SIDECAR_METRICS_LISTEN";
+pub const ENV_INSPECTOR: &str = "SIDECAR_INSPECTOR";
 pub const ENV_REPLAY_MAX_EVENTS: &str = "SIDECAR_REPLAY_MAX_EVENTS";
 pub const ENV_REPLAY_MAX_AGE_SECS: &str = "SIDECAR_REPLAY_MAX_AGE_SECS";
 pub const ENV_REPLAY_MAX_BYTES: &str = "SIDECAR_REPLAY_MAX_BYTES";
@@ -91,6 +92,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_LOG_FORMAT, "log_format"),
     var(ENV_SHUTDOWN_GRACE_SECS, "shutdown_grace_secs"),
     var(ENV_METRICS_LISTEN, "metrics_listen"),
+    var(ENV_INSPECTOR, "inspector"),
     var(ENV_UPSTREAM_URL, "upstream.url"),
     var(
         ENV_UPSTREAM_CONNECT_TIMEOUT_SECS,
@@ -142,6 +144,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// When set, `/_sidecar/metrics` is served here only, not on `listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the live event inspector page at `/_sidecar/inspector`.
+    pub inspector: bool,
     pub upstream: upstream::Config,
     pub auth: auth::Config,
     pub hub: hub::Config,
@@ -158,6 +162,7 @@ impl Default for Config {
             log_format: telemetry::LogFormat::Text,
             shutdown_grace_secs: 10,
             metrics_listen: None,
+            inspector: true,
             upstream: upstream::Config::default(),
             auth: auth::Config::default(),
             hub: hub::Config::default(),

@@ -19,6 +19,7 @@
 //! - [`cluster`]: with Redis, one shared stream for fan-out and retention across replicas.
 //! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
 //! - [`telemetry`]: logs and health.
+//! - [`inspector`]: the live event inspector page, `/_sidecar/inspector`.
 //! - [`app`]: the router, its layer order, and graceful shutdown.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod dedupe;
 pub mod envelope;
 pub mod guard;
 pub mod hub;
+pub mod inspector;
 pub mod proxy;
 pub mod replay;
 pub mod telemetry;
