@@ -336,21 +336,7 @@ async fn no_loss_under_reconnect_churn() {
         js.stop_churn(id).await;
     }
     // Drain: every client ends with every event.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut reconnects = 0;
-    for id in &clients {
-        loop {
-            let summary = js.summary(id).await;
-            if summary["unique"] == total || tokio::time::Instant::now() > deadline {
-                assert_eq!(summary["unique"], total, "{id} missed events: {summary}");
-                assert_eq!(summary["count"], total, "{id} got duplicates: {summary}");
-                assert_eq!(summary["ordered"], true, "{id}: {summary}");
-                reconnects += summary["connects"].as_u64().unwrap() - 1;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    let reconnects = js.assert_all_delivered(&clients, total).await;
     assert!(
         reconnects >= 100,
         "the clients really churned: {reconnects} reconnects"

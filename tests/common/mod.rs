@@ -444,6 +444,27 @@ impl JsDriver {
             .await
     }
 
+    /// Waits (up to 30 s) until every quiet counting client has every one of `total`
+    /// events, asserting none missed, none twice and all in order; returns the reconnects.
+    pub async fn assert_all_delivered(&mut self, clients: &[String], total: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut reconnects = 0;
+        for id in clients {
+            loop {
+                let summary = self.summary(id).await;
+                if summary["unique"] == total || tokio::time::Instant::now() > deadline {
+                    assert_eq!(summary["unique"], total, "{id} missed events: {summary}");
+                    assert_eq!(summary["count"], total, "{id} got duplicates: {summary}");
+                    assert_eq!(summary["ordered"], true, "{id}: {summary}");
+                    reconnects += summary["connects"].as_u64().unwrap() - 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        reconnects
+    }
+
     /// Drops a client's transport; with `reconnection: true` it comes back by itself.
     pub async fn blink(&mut self, id: &str) {
         self.send(json!({"op": "blink", "id": id})).await;
