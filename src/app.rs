@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
+use axum::serve::ListenerExt as _;
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
@@ -214,6 +215,14 @@ impl App {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
+        // Without TCP_NODELAY, Nagle holds each event frame written while an earlier one is
+        // unacknowledged until the client's delayed ACK (up to 40 ms on Linux): the latency
+        // tail of every fan-out. Node's `ws` sets it too.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
         let server =
             axum::serve(listener, service).with_graceful_shutdown(reached(phase_rx.clone(), 1));
         let result = tokio::select! {
