@@ -96,6 +96,7 @@ impl App {
                 auth,
                 auth::check_handshake,
             ))
+            .layer(axum::middleware::map_request(hub::detach_head))
             .layer(socketio_layer)
             .service(tower::service_fn(|_request| async {
                 Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response())
