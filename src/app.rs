@@ -2,7 +2,8 @@
 //!
 //! Routes, outermost first:
 //! - `/socket.io/`: CORS → admission (`guard::check_handshake`: rate limit, connection
-//!   cap) → handshake key check (`auth::check_handshake`) → socket.io.
+//!   cap) → handshake key check (`auth::check_handshake`) → the request head copied out of
+//!   hyper's read buffer (`hub::detach_head`) → socket.io.
 //!   The check must sit outside socket.io: middleware inside it never sees its traffic.
 //! - `{webhook.path}[/...]`: `webhook::ingest` (never proxied, whatever the path).
 //! - `/_sidecar/healthz`, `/_sidecar/readyz`, `/_sidecar/inspector` (unless turned off); any
