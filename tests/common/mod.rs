@@ -368,7 +368,7 @@ impl JsDriver {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
         assert!(
             dir.join("node_modules/socket.io-client").is_dir(),
-            "socket.io-client is not installed: run `npm ci --prefix tests/js`"
+            "socket.io-client is not installed: run `tests/setup.sh`"
         );
         let mut child = Command::new("node")
             .arg(dir.join("driver.js"))
