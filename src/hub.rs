@@ -139,6 +139,17 @@ impl Session {
     pub fn wants(&self, upper_snake: &str) -> bool {
         self.filter.is_empty() || self.filter.iter().any(|e| e == upper_snake)
     }
+
+    /// The state events this socket gets on join: none without `snapshot`, else the
+    /// namespace's retained state that its filter wants. Call it under the log's gate.
+    fn join_state(&self, log: &replay::NamespaceLog) -> Vec<Arc<replay::Entry>> {
+        if !self.snapshot {
+            return Vec::new();
+        }
+        let mut state = log.state();
+        state.retain(|entry| self.wants(&entry.upper_snake));
+        state
+    }
 }
 
 /// State shared by every socket handler.
@@ -644,14 +655,8 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
     shared.count(socket.ns(), &session, 1);
     {
         let _gate = log.gate.lock().await;
-        if session.snapshot {
-            for entry in log
-                .state()
-                .into_iter()
-                .filter(|e| session.wants(&e.upper_snake))
-            {
-                let _ = socket.emit(entry.event.as_str(), &*entry.payload);
-            }
+        for entry in session.join_state(&log) {
+            let _ = socket.emit(entry.event.as_str(), &*entry.payload);
         }
         if session.filter.is_empty() {
             socket.join(ALL_ROOM);

@@ -162,6 +162,10 @@ impl Store {
     /// The log of `namespace`, created on first use.
     pub fn log(self: &Arc<Self>, namespace: &str) -> Arc<NamespaceLog> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        // Every webhook asks: no key allocation when the log exists.
+        if let Some(log) = logs.get(namespace) {
+            return log.clone();
+        }
         logs.entry(namespace.to_owned())
             .or_insert_with(|| {
                 // Whatever this namespace had before (a swept log) is unknown now: an

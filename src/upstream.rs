@@ -241,6 +241,15 @@ impl RouteTable {
     }
 }
 
+/// The events of Evolution's default routes, in the order listed, then the `send_message`
+/// alias (the emit fuzz target picks events by index from this).
+pub fn default_events() -> impl Iterator<Item = &'static str> {
+    DEFAULT_ROUTES
+        .iter()
+        .map(|(event, _)| *event)
+        .chain([SEND_MESSAGE_ALIAS])
+}
+
 /// The answer to every emit: the upstream's answer, or why there was none.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -589,6 +598,11 @@ mod tests {
             http::Method::GET
         );
         assert!(table.get("instance/delete").is_none());
+        let events: Vec<&str> = default_events().collect();
+        assert_eq!(events.len(), 23, "22 routes and the alias");
+        assert_eq!(events[0], "message/sendText");
+        assert_eq!(events[22], "send_message");
+        assert!(events.iter().all(|event| table.get(event).is_some()));
     }
 
     #[test]

@@ -18,34 +18,9 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-/// The default routes' events and the `send_message` alias.
-const EVENTS: &[&str] = &[
-    "message/sendText",
-    "message/sendMedia",
-    "message/sendWhatsAppAudio",
-    "message/sendSticker",
-    "message/sendLocation",
-    "message/sendContact",
-    "message/sendReaction",
-    "message/sendPoll",
-    "message/sendList",
-    "message/sendButtons",
-    "chat/markMessageAsRead",
-    "chat/sendPresence",
-    "chat/whatsappNumbers",
-    "chat/updateMessage",
-    "chat/deleteMessageForEveryone",
-    "chat/archiveChat",
-    "chat/findMessages",
-    "chat/findChats",
-    "chat/findContacts",
-    "chat/fetchProfilePictureUrl",
-    "instance/connectionState",
-    "group/fetchAllGroups",
-    "send_message",
-];
-
 static ROUTES: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&BTreeMap::new()));
+/// The default routes' events and the `send_message` alias, in a stable order.
+static EVENTS: LazyLock<Vec<&'static str>> = LazyLock::new(|| upstream::default_events().collect());
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {

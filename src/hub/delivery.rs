@@ -50,19 +50,13 @@ pub(super) async fn run(
     // Under the gate no event is appended: the state, the replay set and the cursor agree.
     let (mut cursor, replay) = {
         let _gate = log.gate.lock().await;
-        if session.snapshot {
-            for entry in log
-                .state()
-                .into_iter()
-                .filter(|e| session.wants(&e.upper_snake))
+        for entry in session.join_state(&log) {
+            // State is not part of the sequence: it carries no offset.
+            if send(&socket, entry.event.as_str(), &*entry.payload)
+                .await
+                .is_err()
             {
-                // State is not part of the sequence: it carries no offset.
-                if send(&socket, entry.event.as_str(), &*entry.payload)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                return;
             }
         }
         head.borrow_and_update();
