@@ -24,6 +24,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod sidecar;
+pub use sidecar::{Sidecar, eventually, free_port};
+
 pub const GLOBAL_KEY: &str = "global-key-0123";
 pub const ACME_TOKEN: &str = "acme-token-4567";
 pub const OTHER_TOKEN: &str = "other-token-8910";

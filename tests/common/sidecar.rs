@@ -1,0 +1,100 @@
+//! The real binary as its own process, so a test can measure what a peer costs it: its
+//! RSS (from `/proc/<pid>/status`), its open descriptors, and its wall-clock answers. The
+//! test binary's own RSS says nothing about the sidecar's, so bounds are measured here.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::{PATIENCE, http};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_evo-realtime");
+
+/// A port nobody listens on right now.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `check` until it holds, with bounded patience.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A sidecar process started by the test, killed when dropped.
+pub struct Sidecar {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Sidecar {
+    /// Starts the binary with only `envs` (plus `SIDECAR_LISTEN`) and waits until it serves.
+    pub async fn start(envs: &[(&str, String)]) -> Self {
+        let addr = free_port();
+        let mut command = Command::new(BINARY);
+        command
+            .env_clear()
+            .env("SIDECAR_LISTEN", addr.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let child = command.spawn().unwrap();
+        let url = format!("http://{addr}/_sidecar/healthz");
+        eventually("the binary serves", || async {
+            http()
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        Sidecar { child, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// The process's resident set, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// The process's open file descriptors.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
