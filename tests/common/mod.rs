@@ -25,6 +25,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
 pub mod sidecar;
+#[allow(unused_imports)] // each test file uses a different subset
 pub use sidecar::{Sidecar, eventually, free_port};
 
 pub const GLOBAL_KEY: &str = "global-key-0123";
