@@ -14,8 +14,14 @@
 //! |---------------|-------------------|---------------------|-------------------|
 //! | `Invalid`     | 403 `{"code":4}`  | 400                 | CONNECT_ERROR     |
 //! | `Unavailable` | 403 `{"code":4}`  | 400                 | CONNECT_ERROR     |
+//! | `RateLimited` | 429 `{"code":4}`  | 429                 | CONNECT_ERROR     |
+//!
+//! Every lookup that misses the cache is paid for by the client's [`Budget`] (the guard's
+//! per-IP bucket); keys over [`MAX_KEY_BYTES`] are refused without one. The cache is
+//! bounded by [`MAX_CACHE_BYTES`] and expires entries by age, oldest first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +36,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Secret;
 use crate::envelope::InstanceName;
+use crate::sio_request::{self, key_from_request};
 use crate::telemetry::names;
 
 /// Settings of key resolution.
@@ -93,6 +100,8 @@ pub enum Error {
     Invalid,
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
+    #[error("too many key lookups from this address, retry later")]
+    RateLimited,
 }
 
 impl Error {
@@ -101,6 +110,7 @@ impl Error {
         match self {
             Error::Invalid => "invalid_key",
             Error::Unavailable(_) => "auth_unavailable",
+            Error::RateLimited => "lookup_rate_limited",
         }
     }
 }
@@ -109,12 +119,38 @@ impl Error {
 /// one upstream call per key per interval instead of one per handshake.
 const UNAVAILABLE_TTL: Duration = Duration::from_secs(2);
 
-/// A cached answer bounds memory: past this many keys, expired and negative entries go.
-const MAX_CACHED_KEYS: usize = 50_000;
+/// Keys longer than this are refused without a lookup (and never cached or sent
+/// upstream): Evolution's instance tokens are UUIDs, 36 bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// What the key cache may hold, keys and answers counted; past it the oldest entries go.
+pub const MAX_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Bytes counted per cache entry besides its key and answer (map slot, queue slot, entry).
+const ENTRY_OVERHEAD: usize = 160;
+
+/// Pays for one upstream lookup. The guard's per-client token bucket implements it, so
+/// a flood of distinct bad keys costs at most `burst + rate × t` lookups per client IP,
+/// whether the keys come in handshakes or in CONNECT packets.
+pub trait LookupBudget: Send + Sync {
+    /// Takes one lookup's worth; `false` when the client is over its rate.
+    fn take(&self) -> bool;
+}
+
+/// No limit: lookups the server makes on its own (revalidation), and in-process callers.
+pub struct Unmetered;
+
+impl LookupBudget for Unmetered {
+    fn take(&self) -> bool {
+        true
+    }
+}
 
 struct CacheEntry {
     answer: OnceCell<Result<Principal, Error>>,
     created: Instant,
+    /// What this entry counts towards [`MAX_CACHE_BYTES`] (the answer is added once known).
+    bytes: AtomicUsize,
 }
 
 impl CacheEntry {
@@ -128,13 +164,77 @@ impl CacheEntry {
     }
 }
 
+/// Answers by key, bounded by bytes and expired by age: entries leave in the order they
+/// were made (a queue), so expiry and eviction cost O(1) per entry.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<Arc<str>, Arc<CacheEntry>>,
+    order: VecDeque<(Arc<str>, Arc<CacheEntry>)>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn get_fresh(&self, key: &str, ttl: Duration, now: Instant) -> Option<Arc<CacheEntry>> {
+        self.entries
+            .get(key)
+            .filter(|entry| entry.is_fresh(ttl, now))
+            .cloned()
+    }
+
+    fn insert(&mut self, key: &str, now: Instant) -> Arc<CacheEntry> {
+        let key: Arc<str> = Arc::from(key);
+        let bytes = ENTRY_OVERHEAD + key.len();
+        let entry = Arc::new(CacheEntry {
+            answer: OnceCell::new(),
+            created: now,
+            bytes: AtomicUsize::new(bytes),
+        });
+        self.bytes += bytes;
+        if let Some(old) = self.entries.insert(key.clone(), entry.clone()) {
+            // The stale entry's queue slot stays until it reaches the front; its bytes go now.
+            self.bytes -= old.bytes.swap(0, Ordering::Relaxed);
+        }
+        self.order.push_back((key, entry.clone()));
+        entry
+    }
+
+    /// Drops entries older than `lifetime` and, past the byte bound, the oldest ones.
+    fn expire(&mut self, lifetime: Duration, now: Instant) {
+        while let Some((_, oldest)) = self.order.front() {
+            let expired = now.duration_since(oldest.created) >= lifetime;
+            if !expired && self.bytes <= MAX_CACHE_BYTES {
+                break;
+            }
+            let Some((key, entry)) = self.order.pop_front() else {
+                break;
+            };
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|current| Arc::ptr_eq(current, &entry))
+            {
+                self.entries.remove(&key);
+            }
+            self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an answer's bytes, unless its entry was evicted meanwhile.
+    fn account(&mut self, entry: &CacheEntry, extra: usize) {
+        if entry.bytes.load(Ordering::Relaxed) > 0 {
+            entry.bytes.fetch_add(extra, Ordering::Relaxed);
+            self.bytes += extra;
+        }
+    }
+}
+
 /// Resolves keys to principals.
 pub struct Authenticator {
     global: Option<Secret>,
     http: reqwest::Client,
     lookup_url: String,
     ttl: Duration,
-    cache: Mutex<HashMap<String, Arc<CacheEntry>>>,
+    cache: Mutex<Cache>,
 }
 
 impl Authenticator {
@@ -158,7 +258,7 @@ impl Authenticator {
                 upstream_url.trim_end_matches('/')
             ),
             ttl: Duration::from_secs(config.token_cache_ttl_secs),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         })
     }
 
@@ -169,39 +269,54 @@ impl Authenticator {
             .is_some_and(|global| bool::from(global.expose().as_bytes().ct_eq(key.as_bytes())))
     }
 
-    /// Who `key` is. Cached; concurrent calls for one key make one upstream request.
-    pub async fn resolve(&self, key: &str) -> Result<Principal, Error> {
-        if key.is_empty() {
+    /// Who `key` is. Cached; concurrent calls for one key make one upstream request, and a
+    /// request that misses the cache is paid for by `budget` first.
+    pub async fn resolve(&self, key: &str, budget: &dyn LookupBudget) -> Result<Principal, Error> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES && !self.is_global(key) {
             return Err(Error::Invalid);
         }
         if self.is_global(key) {
             return Ok(Principal::Global);
         }
-        let entry = self.entry(key);
-        entry.answer.get_or_init(|| self.lookup(key)).await.clone()
+        let (entry, ours) = self.entry(key, budget)?;
+        let answer = entry.answer.get_or_init(|| self.lookup(key)).await.clone();
+        if ours {
+            let extra = match &answer {
+                Ok(Principal::Instances(names)) => {
+                    names.iter().map(|name| name.as_str().len() + 24).sum()
+                }
+                _ => 0,
+            };
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.account(&entry, extra);
+        }
+        answer
     }
 
-    fn entry(&self, key: &str) -> Arc<CacheEntry> {
+    /// The cached entry for `key`, or a new one (`true`) once the budget paid for it.
+    fn entry(
+        &self,
+        key: &str,
+        budget: &dyn LookupBudget,
+    ) -> Result<(Arc<CacheEntry>, bool), Error> {
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = cache.get(key)
-            && entry.is_fresh(self.ttl, now)
-        {
-            return entry.clone();
+        cache.expire(self.ttl.max(UNAVAILABLE_TTL), now);
+        if let Some(entry) = cache.get_fresh(key, self.ttl, now) {
+            return Ok((entry, false));
         }
-        if cache.len() >= MAX_CACHED_KEYS {
-            let ttl = self.ttl;
-            cache.retain(|_, entry| entry.is_fresh(ttl, now));
-            if cache.len() >= MAX_CACHED_KEYS {
-                cache.retain(|_, entry| matches!(entry.answer.get(), Some(Ok(_)) | None));
-            }
+        if !budget.take() {
+            return Err(Error::RateLimited);
         }
-        let entry = Arc::new(CacheEntry {
-            answer: OnceCell::new(),
-            created: now,
-        });
-        cache.insert(key.to_owned(), entry.clone());
-        entry
+        let entry = cache.insert(key, now);
+        cache.expire(self.ttl.max(UNAVAILABLE_TTL), now);
+        Ok((entry, true))
+    }
+
+    /// Keys cached now and the bytes they count (for tests and metrics).
+    pub fn cache_size(&self) -> (usize, usize) {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        (cache.entries.len(), cache.bytes)
     }
 
     async fn lookup(&self, key: &str) -> Result<Principal, Error> {
@@ -252,50 +367,45 @@ impl Authenticator {
     }
 }
 
-// === Where a handshake's key comes from ===
+/// The [`LookupBudget`] of a socket.io session, put in its handshake request's extensions
+/// by the admission guard (engineioxide keeps those for the session, so CONNECT packets
+/// pay from the same client's bucket).
+#[derive(Clone)]
+pub struct Budget(pub Arc<dyn LookupBudget>);
 
-/// The key of a handshake request: `?apikey=` first, then the `apikey` header
-/// (Evolution's order). `None` when neither is present: the namespace CONNECT's
-/// `auth.apikey` is judged later.
-pub fn key_from_request(parts: &http::request::Parts) -> Option<String> {
-    query_param(parts.uri.query().unwrap_or(""), "apikey").or_else(|| {
-        parts
-            .headers
-            .get("apikey")
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-    })
+impl Budget {
+    /// The request's budget; unmetered when no guard admitted it (in-process callers).
+    pub fn of(extensions: &http::Extensions) -> Budget {
+        extensions
+            .get::<Budget>()
+            .cloned()
+            .unwrap_or_else(|| Budget(Arc::new(Unmetered)))
+    }
 }
 
-/// One decoded query parameter.
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then(|| {
-            percent_encoding::percent_decode_str(&value.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
+impl LookupBudget for Budget {
+    fn take(&self) -> bool {
+        self.0.take()
+    }
 }
 
-/// HTTP middleware on the socket.io endpoint: refuses a handshake (no `sid` yet) whose
-/// query or header key is not valid, the way Evolution/engine.io do, so clients retry.
+/// HTTP middleware on the socket.io endpoint: refuses a handshake whose query or header
+/// key is not valid, the way Evolution/engine.io do, so clients retry.
 pub async fn check_handshake(
     State(auth): State<Arc<Authenticator>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let query = request.uri().query().unwrap_or("");
-    if query_param(query, "sid").is_some() {
+    if !sio_request::is_handshake(request.uri()) {
         return next.run(request).await;
     }
-    let websocket = query_param(query, "transport").as_deref() == Some("websocket");
+    let query = request.uri().query().unwrap_or("");
+    let websocket = sio_request::query_param(query, "transport").as_deref() == Some("websocket");
     let (parts, body) = request.into_parts();
     let Some(key) = key_from_request(&parts) else {
         return next.run(Request::from_parts(parts, body)).await;
     };
-    match auth.resolve(&key).await {
+    match auth.resolve(&key, &Budget::of(&parts.extensions)).await {
         Ok(principal) => {
             tracing::debug!(principal = %principal.label(), "handshake accepted");
             next.run(Request::from_parts(parts, body)).await
@@ -308,12 +418,13 @@ pub async fn check_handshake(
     }
 }
 
-/// Evolution's rejection: polling gets 403 `{"code":4,...}`, a websocket upgrade 400.
+/// Evolution's rejection: polling gets 403 `{"code":4,...}`, a websocket upgrade 400; a
+/// client over its lookup rate gets 429 either way.
 fn handshake_refusal(err: &Error, websocket: bool) -> Response {
-    let status = if websocket {
-        StatusCode::BAD_REQUEST
-    } else {
-        StatusCode::FORBIDDEN
+    let status = match err {
+        Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        _ if websocket => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
     };
     let body = serde_json::json!({ "code": 4, "message": err.to_string() });
     (
@@ -339,12 +450,37 @@ mod tests {
     }
 
     #[test]
-    fn query_params_are_decoded() {
-        assert_eq!(
-            query_param("a=1&apikey=x%2By", "apikey").as_deref(),
-            Some("x+y")
+    fn the_cache_expires_by_age_and_is_bounded_by_bytes() {
+        let start = Instant::now();
+        let mut cache = Cache::default();
+        let ttl = Duration::from_secs(60);
+        cache.insert("a", start);
+        cache.insert("b", start + Duration::from_secs(30));
+        cache.expire(ttl, start + Duration::from_secs(59));
+        assert_eq!(cache.entries.len(), 2);
+        cache.expire(ttl, start + Duration::from_secs(61));
+        assert!(!cache.entries.contains_key("a") && cache.entries.contains_key("b"));
+        // A refreshed key keeps one entry; its stale queue slot frees nothing twice.
+        cache.insert("b", start + Duration::from_secs(62));
+        assert_eq!(cache.bytes, ENTRY_OVERHEAD + 1);
+        cache.expire(ttl, start + Duration::from_secs(95));
+        assert_eq!(cache.entries.len(), 1, "the fresh b stays");
+        assert_eq!(cache.bytes, ENTRY_OVERHEAD + 1);
+
+        // Past the byte bound the oldest entries go, whatever their age.
+        let now = start + Duration::from_secs(100);
+        let key = "k".repeat(MAX_KEY_BYTES);
+        let fits = MAX_CACHE_BYTES / (ENTRY_OVERHEAD + MAX_KEY_BYTES + 8);
+        for i in 0..fits * 2 {
+            cache.insert(&format!("{key}{i:08}"), now);
+            cache.expire(ttl, now);
+        }
+        assert!(cache.bytes <= MAX_CACHE_BYTES, "{}", cache.bytes);
+        assert!(cache.entries.len() >= fits - 1 && cache.entries.len() <= fits + 1);
+        assert!(
+            cache
+                .entries
+                .contains_key(format!("{key}{:08}", fits * 2 - 1).as_str())
         );
-        assert_eq!(query_param("apikey", "apikey").as_deref(), Some(""));
-        assert_eq!(query_param("EIO=4&transport=polling", "sid"), None);
     }
 }

@@ -11,6 +11,12 @@
 //!
 //! Past `SIDECAR_MAX_CONNECTIONS` connected sockets, a new handshake is answered 503.
 //!
+//! A handshake is any request that does not carry a valid `sid=` (`sio_request`), exactly
+//! as engineioxide decides it. An admitted handshake gets one prepaid key lookup; every
+//! further lookup its session makes (CONNECT packets with `auth.apikey`) takes a token
+//! from the same bucket, so the bucket bounds upstream lookups per client, not just
+//! handshakes.
+//!
 //! | refusal      | status |
 //! |--------------|--------|
 //! | rate limited | 429    |
@@ -19,7 +25,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
@@ -29,8 +35,9 @@ use http::StatusCode;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::auth;
+use crate::auth::{Budget, LookupBudget};
 use crate::config::{self, comma_list};
+use crate::sio_request;
 use crate::telemetry::names;
 
 /// Handshake admission settings.
@@ -155,6 +162,13 @@ impl Guard {
             .map_err(|_| Refusal::RateLimited)
     }
 
+    /// Takes one token from `client`'s bucket (an upstream key lookup); `true` with no limit.
+    pub fn charge(&self, client: IpAddr) -> bool {
+        self.limiter
+            .as_ref()
+            .is_none_or(|limiter| limiter.check_key(&bucket(client)).is_ok())
+    }
+
     /// Client IPs the limiter currently remembers.
     pub fn tracked_clients(&self) -> usize {
         self.limiter.as_ref().map_or(0, |limiter| limiter.len())
@@ -205,14 +219,31 @@ impl Refusal {
     }
 }
 
-/// HTTP middleware on the socket.io endpoint, outside the key check: handshakes (no `sid`)
-/// must get past the connection cap and the client's rate limit.
+/// A handshake the guard let in: its client and one prepaid key lookup. Put in the
+/// request's extensions as the session's [`Budget`]: the handshake's own key check spends
+/// the prepaid lookup, and every later lookup (a CONNECT packet's `auth.apikey`) takes a
+/// token from the same client's bucket.
+struct Admission {
+    guard: Arc<Guard>,
+    client: IpAddr,
+    prepaid: AtomicBool,
+}
+
+impl LookupBudget for Admission {
+    fn take(&self) -> bool {
+        self.prepaid.swap(false, Ordering::Relaxed) || self.guard.charge(self.client)
+    }
+}
+
+/// HTTP middleware on the socket.io endpoint, outside the key check: handshakes (requests
+/// that open a session, as engineioxide decides it) must get past the connection cap and
+/// the client's rate limit.
 pub async fn check_handshake(
     State(guard): State<Arc<Guard>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    if auth::query_param(request.uri().query().unwrap_or(""), "sid").is_some() {
+    if !sio_request::is_handshake(request.uri()) {
         return next.run(request).await;
     }
     let peer = request
@@ -220,6 +251,7 @@ pub async fn check_handshake(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let Some(peer) = peer else {
+        // In-process callers (tests through `oneshot`) have no peer address.
         return next.run(request).await;
     };
     let forwarded_for = request
@@ -228,7 +260,15 @@ pub async fn check_handshake(
         .and_then(|v| v.to_str().ok());
     let client = guard.client_ip(peer, forwarded_for);
     match guard.admit(client) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            let admission = Admission {
+                guard: guard.clone(),
+                client,
+                prepaid: AtomicBool::new(true),
+            };
+            request.extensions_mut().insert(Budget(Arc::new(admission)));
+            next.run(request).await
+        }
         Err(refusal) => {
             metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => refusal.reason())
                 .increment(1);

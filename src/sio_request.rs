@@ -1,0 +1,99 @@
+//! What a socket.io HTTP request says about itself, read one way for every layer.
+//!
+//! The admission guard, the handshake key check and the hub must agree on whether a
+//! request opens a session: if one of them took `?sid` (no value) for an existing session
+//! while engineioxide, which looks for a valid `sid=` value, opens a new one, that request
+//! would skip the rate limit, the connection cap and the key check. So [`session_id`]
+//! reads the query exactly as engineioxide 0.17 does (the first `sid=` parameter, not
+//! decoded, 16 URL-safe base64 characters), and everything else is a handshake.
+//!
+//! This module is a leaf: it knows nothing of the other modules.
+
+/// An Engine.IO session id as engineioxide accepts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId<'a>(&'a str);
+
+impl<'a> SessionId<'a> {
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+}
+
+/// The session a request belongs to, or `None` when it is a handshake (a new session).
+///
+/// A `sid=` value that engineioxide cannot parse is refused by engineioxide itself (no
+/// session is opened), so treating it as a handshake here only makes it pay admission.
+pub fn session_id(query: &str) -> Option<SessionId<'_>> {
+    let value = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sid="))?;
+    let valid = value.len() == 16
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    valid.then_some(SessionId(value))
+}
+
+/// Whether a socket.io request opens a new session (see [`session_id`]).
+pub fn is_handshake(uri: &http::Uri) -> bool {
+    session_id(uri.query().unwrap_or("")).is_none()
+}
+
+/// One decoded query parameter (`+` is a space, percent-escapes are decoded).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| {
+            percent_encoding::percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// The key of a handshake request: `?apikey=` first, then the `apikey` header
+/// (Evolution's order). `None` when neither is present: the namespace CONNECT's
+/// `auth.apikey` is judged later.
+pub fn key_from_request(parts: &http::request::Parts) -> Option<String> {
+    query_param(parts.uri.query().unwrap_or(""), "apikey").or_else(|| {
+        parts
+            .headers
+            .get("apikey")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_valid_sid_value_is_an_existing_session() {
+        let sid = "AAAAAAAAAAAAAAHs";
+        let query = format!("EIO=4&transport=polling&sid={sid}");
+        assert_eq!(session_id(&query).map(|s| s.as_str()), Some(sid));
+        // What engineioxide opens a new session for: all handshakes.
+        for query in [
+            "EIO=4&transport=websocket",
+            "EIO=4&transport=websocket&sid",
+            "EIO=4&transport=websocket&sid=",
+            "EIO=4&transport=polling&sid=short",
+            "EIO=4&transport=polling&sid=AAAAAAAAAAAAAAH%",
+            "EIO=4&transport=polling&xsid=AAAAAAAAAAAAAAHs",
+            "EIO=4&transport=polling&sid[]=AAAAAAAAAAAAAAHs",
+        ] {
+            assert_eq!(session_id(query), None, "{query}");
+        }
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(
+            query_param("a=1&apikey=x%2By", "apikey").as_deref(),
+            Some("x+y")
+        );
+        assert_eq!(query_param("apikey", "apikey").as_deref(), Some(""));
+        assert_eq!(query_param("EIO=4&transport=polling", "sid"), None);
+    }
+}
