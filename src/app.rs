@@ -191,6 +191,7 @@ impl App {
         replay::spawn_sweeper(&self.replay);
         let reader = self.hub.spawn_cluster_reader();
         let revalidator = self.hub.spawn_revalidator(self.token_ttl);
+        let namespace_sweeper = self.hub.spawn_namespace_sweeper();
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tokio::spawn(drain(
@@ -238,6 +239,7 @@ impl App {
             reader.abort();
         }
         revalidator.abort();
+        namespace_sweeper.abort();
         result
     }
 }

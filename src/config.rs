@@ -27,6 +27,9 @@ pub const ENV_UPSTREAM_URL: &str = "SIDECAR_UPSTREAM_URL";
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT_SECS: &str = "SIDECAR_UPSTREAM_CONNECT_TIMEOUT_SECS";
 pub const ENV_UPSTREAM_TIMEOUT_SECS: &str = "SIDECAR_UPSTREAM_TIMEOUT_SECS";
 pub const ENV_EMIT_MAX_IN_FLIGHT: &str = "SIDECAR_EMIT_MAX_IN_FLIGHT";
+pub const ENV_EMIT_MAX_BYTES_IN_FLIGHT: &str = "SIDECAR_EMIT_MAX_BYTES_IN_FLIGHT";
+pub const ENV_EMIT_MAX_BYTES_IN_FLIGHT_PER_SOCKET: &str =
+    "SIDECAR_EMIT_MAX_BYTES_IN_FLIGHT_PER_SOCKET";
 pub const ENV_API_KEY: &str = "AUTHENTICATION_API_KEY";
 pub const ENV_TOKEN_CACHE_TTL_SECS: &str = "SIDECAR_TOKEN_CACHE_TTL_SECS";
 pub const ENV_AUTH_LOOKUP_TIMEOUT_SECS: &str = "SIDECAR_AUTH_LOOKUP_TIMEOUT_SECS";
@@ -100,6 +103,11 @@ pub const ENV_VARS: &[EnvVar] = &[
     ),
     var(ENV_UPSTREAM_TIMEOUT_SECS, "upstream.timeout_secs"),
     var(ENV_EMIT_MAX_IN_FLIGHT, "upstream.max_in_flight"),
+    var(ENV_EMIT_MAX_BYTES_IN_FLIGHT, "upstream.max_bytes_in_flight"),
+    var(
+        ENV_EMIT_MAX_BYTES_IN_FLIGHT_PER_SOCKET,
+        "upstream.max_bytes_in_flight_per_socket",
+    ),
     secret(ENV_API_KEY, "auth.api_key"),
     var(ENV_TOKEN_CACHE_TTL_SECS, "auth.token_cache_ttl_secs"),
     var(ENV_AUTH_LOOKUP_TIMEOUT_SECS, "auth.lookup_timeout_secs"),

@@ -10,9 +10,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::Deserializer;
-use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+use crate::json_object::Entries;
 
 /// Why a webhook body cannot become an [`Envelope`].
 ///
@@ -259,37 +259,8 @@ fn check_depth(text: &str, limit: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// The top-level entries of a JSON object, in body order, values unparsed.
-type Entries<'a> = Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>;
-
 fn parse_top_level(text: &str) -> Result<Entries<'_>, Error> {
-    struct ObjectVisitor;
-
-    impl<'de> Visitor<'de> for ObjectVisitor {
-        type Value = Entries<'de>;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a JSON object")
-        }
-
-        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-            let mut entries = Vec::with_capacity(8);
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                let value: &'de RawValue = map.next_value()?;
-                entries.push((key, value));
-            }
-            Ok(entries)
-        }
-    }
-
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    let entries = deserializer
-        .deserialize_map(ObjectVisitor)
-        .map_err(|err| Error::Syntax(err.to_string()))?;
-    deserializer
-        .end()
-        .map_err(|err| Error::Syntax(err.to_string()))?;
-    Ok(entries)
+    crate::json_object::entries(text).map_err(|err| Error::Syntax(err.to_string()))
 }
 
 /// Reads a string field that must appear exactly once.

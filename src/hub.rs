@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use socketioxide::extract::{AckSender, Event, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
@@ -30,8 +31,9 @@ use crate::config::{self, Secret, comma_list};
 use crate::dedupe::Dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
+use crate::sio_request;
 use crate::telemetry::{NamespaceLabels, names};
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 use socketioxide::BroadcastError;
 
 /// Settings of the socket.io side.
@@ -123,8 +125,8 @@ pub struct Session {
     pub instance: Option<InstanceName>,
     /// UPPER_SNAKE events it wants; empty means all.
     pub filter: Arc<[String]>,
-    /// Emits being forwarded now, bounded by `upstream.max_in_flight`.
-    pub in_flight: Arc<AtomicUsize>,
+    /// Emits being forwarded now (calls and bytes), bounded by `upstream`.
+    pub in_flight: Arc<upstream::Budget>,
     /// `Some` when the client opted in to recovery: the last offset it saw, `""` for "from
     /// now on". Such sockets get trailing offsets and are served by `delivery`, not rooms.
     pub resume: Option<String>,
@@ -166,6 +168,66 @@ struct Shared {
     /// without listing sockets.
     members: Mutex<HashMap<String, RoomCounts>>,
     namespace_labels: NamespaceLabels,
+    /// CONNECTs being admitted per namespace, so a refusal removes only a namespace
+    /// nobody is joining.
+    admissions: Admissions,
+}
+
+/// CONNECTs in the connect middleware now, per namespace.
+struct Admissions {
+    io: std::sync::OnceLock<SocketIo>,
+    running: Mutex<HashMap<String, usize>>,
+}
+
+impl Admissions {
+    fn begin(&self, namespace: &str) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running.entry(namespace.to_owned()).or_default() += 1;
+    }
+
+    /// Ends one admission. A refused CONNECT removes its namespace again when no socket is
+    /// in it and no other CONNECT to it is being admitted: socketioxide creates a dynamic
+    /// namespace before the middleware runs, and would keep it forever.
+    fn end(&self, namespace: &str, refused: bool, socket: &SocketRef) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let others = match running.get_mut(namespace) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                true
+            }
+            _ => {
+                running.remove(namespace);
+                false
+            }
+        };
+        if !refused || others || namespace == "/" {
+            return;
+        }
+        let Some(io) = self.io.get() else { return };
+        let empty = io
+            .of(namespace)
+            .is_some_and(|ns| ns.sockets().iter().all(|s| s.id == socket.id));
+        if empty {
+            // Under the lock, so no admission of this namespace starts meanwhile.
+            io.delete_ns(namespace);
+        }
+    }
+
+    /// Removes namespaces with no socket and no CONNECT being admitted (what a race
+    /// between a refusal and a socketioxide-internal creation may leave).
+    fn sweep(&self) -> usize {
+        let Some(io) = self.io.get() else { return 0 };
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0;
+        for ns in io.nsps() {
+            let path = ns.ns_path().to_owned();
+            if path != "/" && !running.contains_key(&path) && ns.sockets().is_empty() {
+                io.delete_ns(&path);
+                removed += 1;
+            }
+        }
+        removed
+    }
 }
 
 #[derive(Default)]
@@ -251,6 +313,10 @@ impl Hub {
             strays: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             namespace_labels: NamespaceLabels::default(),
+            admissions: Admissions {
+                io: std::sync::OnceLock::new(),
+                running: Mutex::new(HashMap::new()),
+            },
         });
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
@@ -260,8 +326,12 @@ impl Hub {
             .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
             // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
             .ws_read_buffer_size(WS_READ_BUFFER)
+            // A session that joins no namespace within this is closed (socketioxide's
+            // default is 45 s): it bounds what anonymous handshakes can hold.
+            .connect_timeout(CONNECT_TIMEOUT)
             .with_state(shared.clone())
             .build_layer();
+        let _ = shared.admissions.io.set(io.clone());
 
         // `/{instance}` does not match `/`: the global namespace is its own.
         io.ns("/", on_connect.with(authorize));
@@ -479,10 +549,15 @@ impl Hub {
                     if session.principal == Principal::Global {
                         continue;
                     }
-                    let still = match hub.shared.auth.resolve(session.key.expose()).await {
+                    let still = match hub
+                        .shared
+                        .auth
+                        .resolve(session.key.expose(), &auth::Unmetered)
+                        .await
+                    {
                         Ok(principal) => principal.may_join(socket.ns()),
                         Err(auth::Error::Invalid) => false,
-                        Err(auth::Error::Unavailable(_)) => true,
+                        Err(auth::Error::Unavailable(_) | auth::Error::RateLimited) => true,
                     };
                     if !still {
                         revoke(&socket, "token no longer accepted upstream");
@@ -490,6 +565,27 @@ impl Hub {
                 }
             }
         })
+    }
+
+    /// Removes namespaces that have no socket, every [`NAMESPACE_SWEEP`], until aborted.
+    pub fn spawn_namespace_sweeper(&self) -> tokio::task::JoinHandle<()> {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(NAMESPACE_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let removed = shared.admissions.sweep();
+                if removed > 0 {
+                    tracing::debug!(removed, "removed namespaces without sockets");
+                }
+            }
+        })
+    }
+
+    /// Namespaces socketioxide holds now (`/` included).
+    pub fn namespace_count(&self) -> usize {
+        self.io.nsps().len()
     }
 
     /// Disconnects every socket (shutdown).
@@ -523,8 +619,14 @@ pub enum ConnectError {
     Auth(#[from] auth::Error),
     #[error("this api key may not join namespace {0}")]
     Forbidden(String),
+    #[error("auth payload is larger than {MAX_AUTH_BYTES} bytes")]
+    AuthTooLarge,
+    #[error("auth payload must be a JSON object")]
+    BadAuth,
     #[error("invalid event filter {0:?}")]
     BadFilter(String),
+    #[error("an event filter lists at most {MAX_FILTER_EVENTS} events")]
+    FilterTooLong,
     #[error("offset must be a string")]
     BadOffset,
 }
@@ -535,28 +637,59 @@ impl ConnectError {
             ConnectError::BadNamespace => "bad_namespace",
             ConnectError::Auth(err) => err.reason(),
             ConnectError::Forbidden(_) => "forbidden_namespace",
-            ConnectError::BadFilter(_) => "bad_filter",
+            ConnectError::AuthTooLarge => "auth_too_large",
+            ConnectError::BadAuth => "bad_auth",
+            ConnectError::BadFilter(_) | ConnectError::FilterTooLong => "bad_filter",
             ConnectError::BadOffset => "bad_offset",
         }
     }
 }
 
+/// The largest CONNECT `auth` payload: a key, a filter of every event and an offset fit
+/// many times over. Far below the emit limit, and checked before the payload is parsed.
+pub const MAX_AUTH_BYTES: usize = 8 * 1024;
+
+/// The most events one filter may list (Evolution has about 30).
+pub const MAX_FILTER_EVENTS: usize = 64;
+
+/// Refused CONNECTs one Engine.IO session may make before its transport is closed.
+pub const MAX_REFUSED_CONNECTS: u32 = 4;
+
 /// Connect middleware: who is this socket, and may it join this namespace?
+///
+/// A refused CONNECT leaves nothing behind: socketioxide creates a dynamic namespace
+/// before its middleware runs, so a refusal removes the namespace again when nobody is in
+/// it and no other CONNECT to it is being admitted.
 async fn authorize(
     socket: SocketRef,
-    auth_payload: TryData<Value>,
+    auth_payload: TryData<Box<RawValue>>,
     state: State<Arc<Shared>>,
 ) -> Result<(), ConnectError> {
+    let shared = state.0.clone();
+    let namespace = socket.ns().to_owned();
+    shared.admissions.begin(&namespace);
     let result = admit(&socket, auth_payload, state).await;
+    let refused = result.is_err();
+    shared.admissions.end(&namespace, refused, &socket);
     if let Err(err) = &result {
         metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => err.reason()).increment(1);
+        if let Some(session) = socket.req_parts().extensions.get::<Arc<EngineSession>>()
+            && session.refused.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REFUSED_CONNECTS
+        {
+            tracing::debug!(sid = %socket.id, "too many refused CONNECTs: closing the transport");
+            metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => "too_many_refusals")
+                .increment(1);
+            session.close();
+        }
     }
     result
 }
 
+/// Authenticates first, then reads what the client asked for: nothing proportional to
+/// the payload runs for an anonymous peer beyond one bounded scan.
 async fn admit(
     socket: &SocketRef,
-    TryData(auth_payload): TryData<Value>,
+    TryData(auth_payload): TryData<Box<RawValue>>,
     State(shared): State<Arc<Shared>>,
 ) -> Result<(), ConnectError> {
     let namespace = socket.ns().to_owned();
@@ -565,24 +698,130 @@ async fn admit(
     } else {
         Some(InstanceName::from_namespace(&namespace).ok_or(ConnectError::BadNamespace)?)
     };
-    let options = ClientOptions::parse(socket.req_parts(), auth_payload.ok().as_ref())?;
-    let key = options.key.ok_or(auth::Error::Invalid)?;
-    let principal = shared.auth.resolve(&key).await?;
+    let auth_payload = auth_payload.ok();
+    let request = ConnectRequest::parse(socket.req_parts(), auth_payload.as_deref())?;
+    let key = request.key().ok_or(auth::Error::Invalid)?;
+    let budget = auth::Budget::of(&socket.req_parts().extensions);
+    let principal = shared.auth.resolve(&key, &budget).await?;
     if !principal.may_join(&namespace) {
         tracing::debug!(ns = %namespace, principal = %principal.label(), "namespace refused");
         return Err(ConnectError::Forbidden(namespace));
     }
+    let options = request.options()?;
     socket.extensions.insert(Session {
         principal,
         key: Secret::new(key),
         instance,
         filter: options.filter.into(),
-        in_flight: Arc::new(AtomicUsize::new(0)),
+        in_flight: Arc::new(upstream::Budget::default()),
         resume: options.resume,
         snapshot: options.snapshot,
         gone: Arc::new(tokio::sync::Notify::new()),
     });
     Ok(())
+}
+
+/// Per Engine.IO session, in its handshake request's extensions as an `Arc` (engineioxide
+/// keeps them for the session): refused CONNECTs so far, and how to close the session's
+/// transport.
+pub struct EngineSession {
+    refused: std::sync::atomic::AtomicU32,
+    close: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl EngineSession {
+    /// `close` ends the session's transport (its TCP connection); `None` where the request
+    /// came from no listener of ours (in-process tests).
+    pub fn new(close: Option<Box<dyn Fn() + Send + Sync>>) -> Self {
+        Self {
+            refused: std::sync::atomic::AtomicU32::new(0),
+            close,
+        }
+    }
+
+    fn close(&self) {
+        if let Some(close) = &self.close {
+            close();
+        }
+    }
+}
+
+/// A CONNECT's request, checked for size but not yet read beyond what finding the key
+/// needs: the filter, offset and snapshot are parsed only after authentication.
+pub struct ConnectRequest<'a> {
+    parts: &'a http::request::Parts,
+    fields: AuthFields<'a>,
+}
+
+/// The `auth` fields we read, each kept raw; every other field is skipped unparsed.
+#[derive(Default, Deserialize)]
+struct AuthFields<'a> {
+    #[serde(default, borrow)]
+    apikey: RawField<'a>,
+    #[serde(default, borrow)]
+    events: RawField<'a>,
+    #[serde(default, borrow)]
+    offset: RawField<'a>,
+    #[serde(default, borrow)]
+    snapshot: RawField<'a>,
+}
+
+/// A field that was present (`null` included) or absent.
+#[derive(Default)]
+struct RawField<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(|raw| RawField(Some(raw)))
+    }
+}
+
+impl RawField<'_> {
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Option<Result<T, serde_json::Error>> {
+        self.0.map(|raw| serde_json::from_str(raw.get()))
+    }
+}
+
+impl<'a> ConnectRequest<'a> {
+    /// Refuses an `auth` over [`MAX_AUTH_BYTES`] or that is not an object (or absent).
+    pub fn parse(
+        parts: &'a http::request::Parts,
+        payload: Option<&'a RawValue>,
+    ) -> Result<Self, ConnectError> {
+        let fields = match payload {
+            None => AuthFields::default(),
+            Some(raw) if raw.get().len() > MAX_AUTH_BYTES => {
+                return Err(ConnectError::AuthTooLarge);
+            }
+            Some(raw) if raw.get() == "null" => AuthFields::default(),
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|_| ConnectError::BadAuth)?,
+        };
+        Ok(Self { parts, fields })
+    }
+
+    /// `?apikey=`, else the `apikey` header, else `auth.apikey` (a string).
+    pub fn key(&self) -> Option<String> {
+        sio_request::key_from_request(self.parts)
+            .or_else(|| self.fields.apikey.parse::<String>().and_then(Result::ok))
+    }
+
+    /// The rest of what the client asked for. Call it once the key is accepted.
+    pub fn options(&self) -> Result<ClientOptions, ConnectError> {
+        let filter = parse_filter(self.parts, &self.fields.events)?;
+        let resume = match self.fields.offset.parse::<Option<String>>() {
+            None => None,
+            Some(Ok(None)) => Some(String::new()),
+            Some(Ok(Some(offset))) => Some(offset),
+            Some(Err(_)) => return Err(ConnectError::BadOffset),
+        };
+        let snapshot = matches!(self.fields.snapshot.parse::<bool>(), Some(Ok(true)));
+        Ok(ClientOptions {
+            key: self.key(),
+            filter,
+            resume,
+            snapshot,
+        })
+    }
 }
 
 /// What a client asks for at CONNECT, from its handshake request and its `auth` payload.
@@ -602,23 +841,9 @@ impl ClientOptions {
     /// Pure, so it can be fuzzed: any request and payload give options or a refusal.
     pub fn parse(
         parts: &http::request::Parts,
-        payload: Option<&Value>,
+        payload: Option<&RawValue>,
     ) -> Result<Self, ConnectError> {
-        let field = |name: &str| payload.and_then(|p| p.get(name));
-        let key = auth::key_from_request(parts).or_else(|| string_field(payload, "apikey"));
-        let filter = parse_filter(parts, payload)?;
-        let resume = match field("offset") {
-            None => None,
-            Some(Value::Null) => Some(String::new()),
-            Some(Value::String(offset)) => Some(offset.clone()),
-            Some(_) => return Err(ConnectError::BadOffset),
-        };
-        Ok(Self {
-            key,
-            filter,
-            resume,
-            snapshot: field("snapshot").and_then(Value::as_bool).unwrap_or(false),
-        })
+        ConnectRequest::parse(parts, payload)?.options()
     }
 }
 
@@ -678,10 +903,14 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
     if !registered {
         tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: delivering to this socket directly");
         let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
-        strays
-            .entry(socket.ns().to_owned())
-            .or_default()
-            .push(socket.clone());
+        // `connected` turns false before the disconnect handler runs: a socket that left
+        // before this point is not kept (its handler may already have cleaned up).
+        if socket.connected() {
+            strays
+                .entry(socket.ns().to_owned())
+                .or_default()
+                .push(socket.clone());
+        }
     }
 }
 
@@ -718,21 +947,55 @@ async fn on_disconnect(
 }
 
 /// A client emit: forwarded to the upstream REST API, always answered through the ack.
+/// The argument stays raw JSON: Evolution gets the fields as the client wrote them.
 async fn on_emit(
     socket: SocketRef,
     Event(event): Event,
-    TryData(argument): TryData<Value>,
+    TryData(argument): TryData<FirstArgument>,
     ack: AckSender,
     State(shared): State<Arc<Shared>>,
 ) {
     let Some(session) = socket.extensions.get::<Session>() else {
         return;
     };
-    // No argument at all (allowed for GET routes) reads as null.
-    let argument = argument.unwrap_or(Value::Null);
-    let reply = shared.upstream.forward(&session, &event, argument).await;
+    let caller = upstream::Caller {
+        instance: session.instance.as_ref(),
+        key: session.key.expose(),
+        budget: &session.in_flight,
+    };
+    // No argument at all is allowed for GET routes.
+    let reply = shared
+        .upstream
+        .forward(&caller, &event, argument.ok().and_then(|a| a.0).as_deref())
+        .await;
     if let Err(err) = ack.send(&reply) {
         tracing::debug!(sid = %socket.id, error = %err, "ack not delivered");
+    }
+}
+
+/// An emit's first argument, raw. Read as a tuple so socketioxide hands over the
+/// arguments after the event name (a bare `Box<RawValue>` would capture the whole packet
+/// array); further arguments are skipped unparsed.
+struct FirstArgument(Option<Box<RawValue>>);
+
+impl<'de> Deserialize<'de> for FirstArgument {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Arguments;
+        impl<'de> serde::de::Visitor<'de> for Arguments {
+            type Value = FirstArgument;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("emit arguments")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<Box<RawValue>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FirstArgument(first))
+            }
+        }
+        deserializer.deserialize_tuple(usize::MAX, Arguments)
     }
 }
 
@@ -743,32 +1006,48 @@ fn revoke(socket: &SocketRef, reason: &'static str) {
     let _ = socket.clone().disconnect();
 }
 
-fn string_field(payload: Option<&Value>, name: &str) -> Option<String> {
-    payload?.get(name)?.as_str().map(str::to_owned)
-}
-
 /// The event filter: `auth.events` (string or list) first, then the `events` query
-/// parameter. Dotted or UPPER_SNAKE names are accepted; anything else is refused.
+/// parameter. Dotted or UPPER_SNAKE names are accepted; anything else is refused, and so
+/// is a list of more than [`MAX_FILTER_EVENTS`].
 fn parse_filter(
     parts: &http::request::Parts,
-    payload: Option<&Value>,
+    events: &RawField<'_>,
 ) -> Result<Vec<String>, ConnectError> {
-    let names: Vec<String> = match payload.and_then(|p| p.get("events")) {
-        Some(Value::String(text)) => text.split(',').map(str::to_owned).collect(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| {
-                item.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ConnectError::BadFilter(item.to_string()))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::Null) | None => auth::query_param(parts.uri.query().unwrap_or(""), "events")
-            .map(|text| text.split(',').map(str::to_owned).collect())
-            .unwrap_or_default(),
-        Some(other) => return Err(ConnectError::BadFilter(other.to_string())),
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Events {
+        Text(String),
+        List(Vec<Value>),
+    }
+    let names: Vec<String> = match events.parse::<Option<Events>>() {
+        Some(Ok(Some(Events::Text(text)))) => text.split(',').map(str::to_owned).collect(),
+        Some(Ok(Some(Events::List(items)))) => {
+            if items.len() > MAX_FILTER_EVENTS {
+                return Err(ConnectError::FilterTooLong);
+            }
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(name) => Ok(name),
+                    other => Err(ConnectError::BadFilter(other.to_string())),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(Ok(None)) | None => {
+            sio_request::query_param(parts.uri.query().unwrap_or(""), "events")
+                .map(|text| text.split(',').map(str::to_owned).collect())
+                .unwrap_or_default()
+        }
+        Some(Err(_)) => {
+            let raw = events.0.map(RawValue::get).unwrap_or_default();
+            return Err(ConnectError::BadFilter(raw.chars().take(64).collect()));
+        }
     };
+    if names.len() > MAX_FILTER_EVENTS {
+        return Err(ConnectError::FilterTooLong);
+    }
     let mut filter = Vec::new();
+    let mut seen = HashSet::new();
     for name in names {
         let name = name.trim();
         if name.is_empty() {
@@ -776,9 +1055,9 @@ fn parse_filter(
         }
         let upper = envelope::upper_snake(name);
         if !envelope::is_filter_name(&upper) {
-            return Err(ConnectError::BadFilter(name.to_owned()));
+            return Err(ConnectError::BadFilter(name.chars().take(64).collect()));
         }
-        if !filter.contains(&upper) {
+        if seen.insert(upper.clone()) {
             filter.push(upper);
         }
     }
@@ -790,6 +1069,12 @@ const LOCAL_ONLY_MEMORY: Duration = Duration::from_secs(3600);
 
 /// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).
 const WS_READ_BUFFER: usize = 1024;
+
+/// How long an Engine.IO session may stay without a namespace before it is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often namespaces without sockets are removed.
+pub const NAMESPACE_SWEEP: Duration = Duration::from_secs(30);
 
 /// The pause before the stream reader tries Redis again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
@@ -818,6 +1103,9 @@ pub async fn detach_head(request: axum::extract::Request) -> axum::extract::Requ
         }
     }
     parts.headers = headers;
+    if sio_request::is_handshake(&parts.uri) {
+        parts.extensions.insert(Arc::new(EngineSession::new(None)));
+    }
     axum::extract::Request::from_parts(parts, body)
 }
 

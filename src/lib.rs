@@ -17,6 +17,8 @@
 //! - [`proxy`]: everything else, streamed to Evolution API.
 //! - [`replay`]: retained events per namespace, offsets, state for late joiners.
 //! - [`cluster`]: with Redis, one shared stream for fan-out and retention across replicas.
+//! - [`sio_request`]: what a socket.io request says: its session id, query and key.
+//! - [`json_object`]: a JSON object's top-level entries, raw, in order.
 //! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
 //! - [`telemetry`]: logs and health.
 //! - [`inspector`]: the live event inspector page, `/_sidecar/inspector`.
@@ -32,8 +34,10 @@ pub mod envelope;
 pub mod guard;
 pub mod hub;
 pub mod inspector;
+pub mod json_object;
 pub mod proxy;
 pub mod replay;
+pub mod sio_request;
 pub mod telemetry;
 pub mod upstream;
 pub mod webhook;

@@ -153,6 +153,7 @@ pub mod names {
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
     pub const REVOCATIONS: &str = "evo_socket_revocations_total";
+    pub const EMIT_BYTES_REFUSED: &str = "evo_emit_bytes_refused_total";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

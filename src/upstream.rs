@@ -16,19 +16,19 @@
 //! | upstream timed out               | `{"status":504,"error":...}`   |
 //! | any upstream answer              | `{"status":N,"body":...}`      |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 
 use crate::config;
 use crate::envelope::InstanceName;
-use crate::hub::Session;
+use crate::json_object;
 use crate::telemetry::names;
 
 /// Settings of the upstream Evolution API.
@@ -42,6 +42,10 @@ pub struct Config {
     pub timeout_secs: u64,
     /// Emits one socket may have in flight before it is answered 429.
     pub max_in_flight: usize,
+    /// Argument bytes of the emits being forwarded, across all sockets, before 429.
+    pub max_bytes_in_flight: u64,
+    /// Argument bytes of the emits one socket may have in flight before 429.
+    pub max_bytes_in_flight_per_socket: u64,
     /// Extra or overriding routes: event name → method and path template.
     pub routes: BTreeMap<String, RouteSpec>,
 }
@@ -53,6 +57,8 @@ impl Default for Config {
             connect_timeout_secs: 5,
             timeout_secs: 30,
             max_in_flight: 16,
+            max_bytes_in_flight: 256 * 1024 * 1024,
+            max_bytes_in_flight_per_socket: 32 * 1024 * 1024,
             routes: BTreeMap::new(),
         }
     }
@@ -97,6 +103,20 @@ impl Config {
                 "upstream.max_in_flight",
                 &0,
                 "must be positive",
+            ));
+        }
+        if self.max_bytes_in_flight_per_socket < 1024 * 1024 {
+            return Err(config::invalid(
+                "upstream.max_bytes_in_flight_per_socket",
+                &self.max_bytes_in_flight_per_socket,
+                "must be at least 1 MiB",
+            ));
+        }
+        if self.max_bytes_in_flight < self.max_bytes_in_flight_per_socket {
+            return Err(config::invalid(
+                "upstream.max_bytes_in_flight",
+                &self.max_bytes_in_flight,
+                "must be at least upstream.max_bytes_in_flight_per_socket",
             ));
         }
         for (event, spec) in &self.routes {
@@ -251,11 +271,19 @@ pub fn default_events() -> impl Iterator<Item = &'static str> {
 }
 
 /// The answer to every emit: the upstream's answer, or why there was none.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum AckReply {
-    Upstream { status: u16, body: Value },
-    Error { status: u16, error: String },
+    /// Evolution's status and body, the body as Evolution wrote it (a string when it was
+    /// not JSON).
+    Upstream {
+        status: u16,
+        body: Box<RawValue>,
+    },
+    Error {
+        status: u16,
+        error: String,
+    },
 }
 
 impl AckReply {
@@ -269,6 +297,14 @@ impl AckReply {
     pub fn status(&self) -> u16 {
         match self {
             AckReply::Upstream { status, .. } | AckReply::Error { status, .. } => *status,
+        }
+    }
+
+    /// The bytes this reply holds, for the requestId memory's bound.
+    fn size(&self) -> usize {
+        match self {
+            AckReply::Upstream { body, .. } => body.get().len(),
+            AckReply::Error { error, .. } => error.len(),
         }
     }
 }
@@ -287,43 +323,67 @@ pub struct Plan {
     pub route: String,
 }
 
+/// The longest `requestId` accepted (a UUID is 36 bytes).
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
 /// Maps an emit to its REST call, for `instance` only. Pure, so it can be fuzzed: every
 /// input gives a plan or the ack that refuses it.
+///
+/// The argument is read one level deep: `requestId` is taken out (and `message` renamed
+/// `text` for the `send_message` alias); every other field goes to Evolution as the
+/// client wrote it, in its order.
 pub fn plan(
     routes: &RouteTable,
     instance: &InstanceName,
     event: &str,
-    argument: Value,
+    argument: Option<&RawValue>,
 ) -> Result<Plan, AckReply> {
     let Some(route) = routes.get(event) else {
         return Err(AckReply::error(404, format!("unknown event {event:?}")));
     };
-    let mut fields = match argument {
-        Value::Object(fields) => fields,
-        Value::Null if route.method == http::Method::GET => Map::new(),
-        _ => return Err(AckReply::error(400, "argument must be a JSON object")),
+    let is_get = route.method == http::Method::GET;
+    let mut fields = match argument.map(RawValue::get) {
+        None | Some("null") if is_get => Vec::new(),
+        Some(text) => match json_object::entries(text) {
+            Ok(fields) => fields,
+            Err(_) => return Err(AckReply::error(400, "argument must be a JSON object")),
+        },
+        None => return Err(AckReply::error(400, "argument must be a JSON object")),
     };
-    if event == SEND_MESSAGE_ALIAS
-        && !fields.contains_key("text")
-        && let Some(message) = fields.remove("message")
-    {
-        fields.insert("text".to_owned(), message);
+    let mut request_id = None;
+    let mut keep = Vec::with_capacity(fields.len());
+    for (key, value) in fields.drain(..) {
+        if key == "requestId" {
+            let Ok(id) = serde_json::from_str::<String>(value.get()) else {
+                return Err(AckReply::error(400, "requestId must be a string"));
+            };
+            if id.len() > MAX_REQUEST_ID_BYTES {
+                return Err(AckReply::error(
+                    400,
+                    format!("requestId is longer than {MAX_REQUEST_ID_BYTES} bytes"),
+                ));
+            }
+            request_id = Some(id);
+        } else {
+            keep.push((key, value));
+        }
     }
-    let request_id = match fields.remove("requestId") {
-        Some(Value::String(id)) => Some(id),
-        Some(_) => return Err(AckReply::error(400, "requestId must be a string")),
-        None => None,
-    };
+    if event == SEND_MESSAGE_ALIAS && !keep.iter().any(|(key, _)| key == "text") {
+        for (key, _) in keep.iter_mut() {
+            if key == "message" {
+                *key = "text".into();
+                break;
+            }
+        }
+    }
     let mut path_and_query = route.path_for(instance);
-    let body = if route.method == http::Method::GET {
-        let query: Vec<String> = fields
-            .into_iter()
+    let body = if is_get {
+        let query: Vec<String> = keep
+            .iter()
             .map(|(key, value)| {
-                let value = match value {
-                    Value::String(text) => text,
-                    other => other.to_string(),
-                };
-                format!("{}={}", encode_query(&key), encode_query(&value))
+                let value = serde_json::from_str::<String>(value.get())
+                    .unwrap_or_else(|_| value.get().to_owned());
+                format!("{}={}", encode_query(key), encode_query(&value))
             })
             .collect();
         if !query.is_empty() {
@@ -332,7 +392,9 @@ pub fn plan(
         }
         None
     } else {
-        Some(Value::Object(fields).to_string())
+        Some(json_object::write(
+            keep.iter().map(|(key, value)| (key.as_ref(), *value)),
+        ))
     };
     Ok(Plan {
         method: route.method.clone(),
@@ -345,12 +407,97 @@ pub fn plan(
 
 /// How long a `requestId` is remembered.
 const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
-/// At most this many remembered `requestId`s; the oldest are dropped beyond it.
-const MAX_REMEMBERED_REQUESTS: usize = 100_000;
+/// What the `requestId` memory may hold (keys and replies); the oldest go beyond it.
+pub const MAX_REMEMBERED_BYTES: usize = 16 * 1024 * 1024;
+/// A reply larger than this is not kept: a repeat gets its status and a note instead.
+pub const MAX_REMEMBERED_REPLY_BYTES: usize = 64 * 1024;
+/// Bytes counted per remembered entry besides its key and reply.
+const REMEMBERED_OVERHEAD: usize = 192;
+
+type MemoKey = (InstanceName, String, String);
 
 struct Remembered {
     reply: OnceCell<AckReply>,
     created: Instant,
+    /// What this entry counts towards [`MAX_REMEMBERED_BYTES`].
+    bytes: AtomicUsize,
+}
+
+/// Answers by requestId, expired by age and bounded by bytes through an arrival-order
+/// queue, as the key cache in `auth` is.
+#[derive(Default)]
+struct Memo {
+    entries: HashMap<MemoKey, Arc<Remembered>>,
+    order: VecDeque<(MemoKey, Arc<Remembered>)>,
+    bytes: usize,
+}
+
+impl Memo {
+    fn entry(&mut self, key: &MemoKey, now: Instant) -> Arc<Remembered> {
+        self.expire(now);
+        if let Some(entry) = self.entries.get(key) {
+            return entry.clone();
+        }
+        let bytes = REMEMBERED_OVERHEAD + key.0.as_str().len() + key.1.len() + key.2.len();
+        let entry = Arc::new(Remembered {
+            reply: OnceCell::new(),
+            created: now,
+            bytes: AtomicUsize::new(bytes),
+        });
+        self.bytes += bytes;
+        self.entries.insert(key.clone(), entry.clone());
+        self.order.push_back((key.clone(), entry.clone()));
+        self.expire(now);
+        entry
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((_, oldest)) = self.order.front() {
+            let expired = now.duration_since(oldest.created) >= IDEMPOTENCY_WINDOW;
+            if !expired && self.bytes <= MAX_REMEMBERED_BYTES {
+                break;
+            }
+            let Some((key, entry)) = self.order.pop_front() else {
+                break;
+            };
+            self.forget(&key, &entry);
+        }
+    }
+
+    fn forget(&mut self, key: &MemoKey, entry: &Arc<Remembered>) {
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|current| Arc::ptr_eq(current, entry))
+        {
+            self.entries.remove(key);
+        }
+        self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
+    }
+
+    /// Counts a reply's bytes, unless its entry was evicted meanwhile.
+    fn account(&mut self, entry: &Remembered, extra: usize) {
+        if entry.bytes.load(Ordering::Relaxed) > 0 {
+            entry.bytes.fetch_add(extra, Ordering::Relaxed);
+            self.bytes += extra;
+        }
+    }
+}
+
+/// What a socket may have in flight towards Evolution: calls and argument bytes. The
+/// hub's `Session` holds one per socket.
+#[derive(Debug, Default)]
+pub struct Budget {
+    calls: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// The caller of an emit: its instance (`None` on `/`), the key it connected with, and
+/// its in-flight budget.
+pub struct Caller<'a> {
+    pub instance: Option<&'a InstanceName>,
+    pub key: &'a str,
+    pub budget: &'a Budget,
 }
 
 /// The REST client for emits.
@@ -359,9 +506,13 @@ pub struct Upstream {
     base_url: String,
     routes: RouteTable,
     max_in_flight: usize,
+    max_bytes_per_socket: usize,
+    max_bytes: usize,
+    /// Argument bytes of the emits being forwarded now, across all sockets.
+    bytes_in_flight: AtomicUsize,
     /// Keyed by instance, the caller's key and the requestId: one client's answer is
     /// never handed to another.
-    remembered: Mutex<HashMap<(InstanceName, String, String), Arc<Remembered>>>,
+    remembered: Mutex<Memo>,
     /// Calls in flight across all sockets, for shutdown.
     active: Arc<AtomicUsize>,
     idle: Arc<tokio::sync::Notify>,
@@ -382,28 +533,32 @@ impl Upstream {
             base_url: config.base_url().to_owned(),
             routes: RouteTable::new(&config.routes),
             max_in_flight: config.max_in_flight,
-            remembered: Mutex::new(HashMap::new()),
+            max_bytes_per_socket: usize::try_from(config.max_bytes_in_flight_per_socket)
+                .unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(config.max_bytes_in_flight).unwrap_or(usize::MAX),
+            bytes_in_flight: AtomicUsize::new(0),
+            remembered: Mutex::new(Memo::default()),
             active: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),
         })
     }
 
-    /// Forwards one emit of `session`'s socket and says what to ack.
-    pub async fn forward(&self, session: &Session, event: &str, argument: Value) -> AckReply {
-        let Some(instance) = &session.instance else {
+    /// Forwards one emit of `caller`'s socket and says what to ack.
+    pub async fn forward(
+        &self,
+        caller: &Caller<'_>,
+        event: &str,
+        argument: Option<&RawValue>,
+    ) -> AckReply {
+        let Some(instance) = caller.instance else {
             return AckReply::error(400, "emits on / have no instance: connect to /<instance>");
         };
-        let plan = match plan(&self.routes, instance, event, argument) {
-            Ok(plan) => plan,
-            Err(reply) => return reply,
-        };
-
         if self.draining.load(Ordering::Acquire) {
             return AckReply::error(503, "shutting down, retry later");
         }
         let _active = Active::enter(&self.active, &self.idle);
-        let Some(_permit) = InFlight::acquire(session, self.max_in_flight) else {
+        let Some(_calls) = Permit::take(&caller.budget.calls, 1, self.max_in_flight) else {
             return AckReply::error(
                 429,
                 format!(
@@ -412,32 +567,70 @@ impl Upstream {
                 ),
             );
         };
+        // Bytes are counted before the argument is read, so a flood of large emits is
+        // refused without building their bodies.
+        let size = argument.map_or(0, |raw| raw.get().len());
+        let Some(_socket_bytes) =
+            Permit::take(&caller.budget.bytes, size, self.max_bytes_per_socket)
+        else {
+            return AckReply::error(
+                429,
+                format!(
+                    "more than {} bytes of emits in flight on this socket",
+                    self.max_bytes_per_socket
+                ),
+            );
+        };
+        let Some(_bytes) = Permit::take(&self.bytes_in_flight, size, self.max_bytes) else {
+            metrics::counter!(names::EMIT_BYTES_REFUSED).increment(1);
+            return AckReply::error(429, "server has too many emit bytes in flight, retry later");
+        };
+        let plan = match plan(&self.routes, instance, event, argument) {
+            Ok(plan) => plan,
+            Err(reply) => return reply,
+        };
         let Some(request_id) = plan.request_id.clone() else {
-            return self.call(&plan, instance, session).await;
+            return self.call(plan, instance, caller.key).await;
         };
         // A repeat of the same requestId waits for, then shares, the first answer.
-        let key = (
-            instance.clone(),
-            session.key.expose().to_owned(),
-            request_id,
-        );
-        let remembered = self.remember(&key);
-        let reply = remembered
+        let key = (instance.clone(), caller.key.to_owned(), request_id);
+        let remembered = {
+            let mut memo = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+            memo.entry(&key, Instant::now())
+        };
+        // The memory keeps small replies whole; a large one goes whole to this caller
+        // only, and a later repeat gets its status and a note.
+        let mut ran = false;
+        let mut whole = None;
+        let (ran_ref, whole_ref) = (&mut ran, &mut whole);
+        let kept = remembered
             .reply
-            .get_or_init(|| self.call(&plan, instance, session))
+            .get_or_init(|| async move {
+                *ran_ref = true;
+                let reply = self.call(plan, instance, caller.key).await;
+                if reply.size() <= MAX_REMEMBERED_REPLY_BYTES {
+                    return reply;
+                }
+                let note = AckReply::error(
+                    reply.status(),
+                    format!(
+                        "repeat of an answered requestId: its answer ({} bytes) is not kept",
+                        reply.size()
+                    ),
+                );
+                *whole_ref = Some(reply);
+                note
+            })
             .await
             .clone();
-        if reply.status() == 502 {
+        let mut memo = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.status() == 502 {
             // The request never reached the upstream: a retry may really try again.
-            let mut map = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-            if map
-                .get(&key)
-                .is_some_and(|entry| Arc::ptr_eq(entry, &remembered))
-            {
-                map.remove(&key);
-            }
+            memo.forget(&key, &remembered);
+        } else if ran {
+            memo.account(&remembered, kept.size());
         }
-        reply
+        whole.unwrap_or(kept)
     }
 
     /// Refuses new calls and waits until those in flight are done, or `deadline`.
@@ -454,39 +647,22 @@ impl Upstream {
         }
     }
 
-    fn remember(&self, key: &(InstanceName, String, String)) -> Arc<Remembered> {
-        let now = Instant::now();
-        let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        let key = key.clone();
-        if let Some(entry) = remembered.get(&key)
-            && now.duration_since(entry.created) < IDEMPOTENCY_WINDOW
-        {
-            return entry.clone();
-        }
-        if remembered.len() >= MAX_REMEMBERED_REQUESTS {
-            remembered.retain(|_, entry| now.duration_since(entry.created) < IDEMPOTENCY_WINDOW);
-            if remembered.len() >= MAX_REMEMBERED_REQUESTS {
-                remembered.clear();
-            }
-        }
-        let entry = Arc::new(Remembered {
-            reply: OnceCell::new(),
-            created: now,
-        });
-        remembered.insert(key, entry.clone());
-        entry
+    /// `requestId`s remembered now and the bytes they count (tests, metrics).
+    pub fn remembered_size(&self) -> (usize, usize) {
+        let memo = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        (memo.entries.len(), memo.bytes)
     }
 
-    async fn call(&self, plan: &Plan, instance: &InstanceName, session: &Session) -> AckReply {
+    async fn call(&self, plan: Plan, instance: &InstanceName, key: &str) -> AckReply {
         let url = format!("{}{}", self.base_url, plan.path_and_query);
         let mut request = self
             .http
             .request(plan.method.clone(), &url)
-            .header("apikey", session.key.expose());
-        if let Some(body) = &plan.body {
+            .header("apikey", key);
+        if let Some(body) = plan.body {
             request = request
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
+                .body(body);
         }
         let route = plan.route.as_str();
 
@@ -519,10 +695,29 @@ impl Upstream {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "emit forwarded"
         );
-        let body = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-        AckReply::Upstream { status, body }
+        AckReply::Upstream {
+            status,
+            body: raw_body(&body),
+        }
     }
+}
+
+/// Evolution's answer as it wrote it: JSON passes through byte for byte; anything else
+/// becomes a JSON string of its text.
+fn raw_body(body: &[u8]) -> Box<RawValue> {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| serde_json::from_str::<&RawValue>(text.trim()).ok())
+        .map(RawValue::to_owned)
+        .unwrap_or_else(|| {
+            let text = serde_json::to_string(&String::from_utf8_lossy(body))
+                .unwrap_or_else(|_| "null".to_owned());
+            RawValue::from_string(text).unwrap_or_else(|_| null_raw())
+        })
+}
+
+fn null_raw() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
 
 fn encode_query(text: &str) -> String {
@@ -556,24 +751,23 @@ impl Drop for Active {
     }
 }
 
-/// One call counted against its socket's in-flight limit until dropped.
-struct InFlight(Arc<AtomicUsize>);
+/// `amount` counted against a limit until dropped (calls or bytes in flight).
+struct Permit<'a>(&'a AtomicUsize, usize);
 
-impl InFlight {
-    fn acquire(session: &Session, max: usize) -> Option<Self> {
-        let counter = session.in_flight.clone();
+impl<'a> Permit<'a> {
+    fn take(counter: &'a AtomicUsize, amount: usize, max: usize) -> Option<Self> {
         counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
+                n.checked_add(amount).filter(|total| *total <= max)
             })
             .ok()
-            .map(|_| Self(counter))
+            .map(|_| Self(counter, amount))
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -626,40 +820,43 @@ mod tests {
     fn plans() {
         let table = RouteTable::new(&BTreeMap::new());
         let acme = InstanceName::parse("acme").unwrap();
-        let plan = plan(
-            &table,
-            &acme,
-            "send_message",
-            serde_json::json!({"number": "1", "message": "hi", "requestId": "r1"}),
-        )
-        .unwrap();
+        let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        let argument = raw(r#"{"number":"1","message":"hi","requestId":"r1","n":1e2}"#);
+        let plan = plan(&table, &acme, "send_message", Some(&argument)).unwrap();
         assert_eq!(plan.method, http::Method::POST);
         assert_eq!(plan.path_and_query, "/message/sendText/acme");
-        assert_eq!(plan.body.as_deref(), Some(r#"{"number":"1","text":"hi"}"#));
+        assert_eq!(
+            plan.body.as_deref(),
+            Some(r#"{"number":"1","text":"hi","n":1e2}"#),
+            "the client's order and spelling"
+        );
         assert_eq!(plan.request_id.as_deref(), Some("r1"));
-        let get = super::plan(
-            &table,
-            &acme,
-            "group/fetchAllGroups",
-            serde_json::json!({"a/b": "c&d", "n": 1}),
-        )
-        .unwrap();
+        let argument = raw(r#"{"a/b": "c&d", "n": 1}"#);
+        let get = super::plan(&table, &acme, "group/fetchAllGroups", Some(&argument)).unwrap();
         assert_eq!(
             get.path_and_query,
             "/group/fetchAllGroups/acme?a%2Fb=c%26d&n=1"
         );
         assert_eq!(get.body, None);
-        let refused = |event: &str, argument: Value| {
-            super::plan(&table, &acme, event, argument)
+        let refused = |event: &str, argument: &str| {
+            let argument = raw(argument);
+            super::plan(&table, &acme, event, Some(&argument))
                 .unwrap_err()
                 .status()
         };
-        assert_eq!(refused("nope", Value::Null), 404);
-        assert_eq!(refused("message/sendText", Value::Null), 400);
-        assert_eq!(
-            refused("message/sendText", serde_json::json!({"requestId": 1})),
-            400
+        assert_eq!(refused("nope", "null"), 404);
+        assert_eq!(refused("message/sendText", "null"), 400);
+        assert_eq!(refused("message/sendText", "[1]"), 400);
+        assert_eq!(refused("message/sendText", r#"{"requestId": 1}"#), 400);
+        let long = format!(
+            r#"{{"requestId":"{}"}}"#,
+            "r".repeat(MAX_REQUEST_ID_BYTES + 1)
         );
+        assert_eq!(refused("message/sendText", &long), 400);
+        let fits = format!(r#"{{"requestId":"{}"}}"#, "r".repeat(MAX_REQUEST_ID_BYTES));
+        let fits = raw(&fits);
+        assert!(super::plan(&table, &acme, "message/sendText", Some(&fits)).is_ok());
+        assert!(super::plan(&table, &acme, "group/fetchAllGroups", None).is_ok());
     }
 
     #[test]

@@ -102,12 +102,17 @@ fn raw_value_token_key_is_an_ordinary_key() {
     let mut lines = found[1..].splitn(3, |&b| b == b'\n');
     let instance = std::str::from_utf8(lines.next().unwrap()).unwrap();
     assert_eq!(lines.next(), Some(&b""[..]));
-    let argument: Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
-    let keys = argument.as_object().unwrap().len();
+    let text = std::str::from_utf8(lines.next().unwrap()).unwrap();
+    let keys = serde_json::from_str::<Value>(text)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .len();
+    let argument = RawValue::from_string(text.trim_end().to_owned()).unwrap();
 
     let table = RouteTable::new(&BTreeMap::new());
     let instance = InstanceName::parse(instance).unwrap();
-    let sent = plan(&table, &instance, "send_message", argument).expect("planned");
+    let sent = plan(&table, &instance, "send_message", Some(&argument)).expect("planned");
     assert_eq!(sent.path_and_query, "/message/sendText/art");
     let body: BTreeMap<String, &RawValue> =
         serde_json::from_str(sent.body.as_deref().unwrap()).expect("a JSON object");
@@ -117,8 +122,15 @@ fn raw_value_token_key_is_an_ordinary_key() {
         r#""5'0I\nnI01""#
     );
 
-    let minimal = serde_json::from_str(r#"{"a":1,"$serde_json::private::RawValue":"x"}"#);
-    let sent = plan(&table, &instance, "message/sendText", minimal.unwrap()).unwrap();
+    let minimal =
+        RawValue::from_string(r#"{"a":1,"$serde_json::private::RawValue":"x"}"#.to_owned());
+    let sent = plan(
+        &table,
+        &instance,
+        "message/sendText",
+        Some(&minimal.unwrap()),
+    )
+    .unwrap();
     let body: BTreeMap<String, &RawValue> =
         serde_json::from_str(sent.body.as_deref().unwrap()).unwrap();
     assert_eq!(body["$serde_json::private::RawValue"].get(), r#""x""#);

@@ -8,11 +8,12 @@
 //! or JSON are skipped.
 #![no_main]
 
-use evo_realtime::auth;
+use evo_realtime::sio_request as auth;
 use evo_realtime::envelope;
 use evo_realtime::hub::ClientOptions;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(3, |&b| b == b'\n');
@@ -41,9 +42,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(query) = std::str::from_utf8(query) else {
         return;
     };
-    let payload: Option<Value> = match payload {
+    let raw_payload: Option<Box<RawValue>> = match payload {
         None => None,
-        Some(bytes) => match serde_json::from_slice(bytes) {
+        Some(bytes) => match std::str::from_utf8(bytes).map(serde_json::from_str) {
+            Ok(Ok(raw)) => Some(raw),
+            _ => return,
+        },
+    };
+    let payload: Option<Value> = match raw_payload.as_deref() {
+        None => None,
+        Some(raw) => match serde_json::from_str(raw.get()) {
             Ok(value) => Some(value),
             Err(_) => return,
         },
@@ -70,9 +78,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(key, None);
     }
 
-    let Ok(options) = ClientOptions::parse(&parts, payload.as_ref()) else {
+    let Ok(options) = ClientOptions::parse(&parts, raw_payload.as_deref()) else {
         return;
     };
+    assert!(options.filter.len() <= evo_realtime::hub::MAX_FILTER_EVENTS);
     let payload_key = payload
         .as_ref()
         .and_then(|p| p.get("apikey"))

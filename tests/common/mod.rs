@@ -24,7 +24,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod raw_sio;
 pub mod sidecar;
+#[allow(unused_imports)] // each test file uses a different subset
+pub use raw_sio::RawSocket;
 #[allow(unused_imports)] // each test file uses a different subset
 pub use sidecar::{Sidecar, eventually, free_port};
 
