@@ -6,24 +6,36 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::PATIENCE;
 
 pub struct RawSocket {
-    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: WebSocketStream<tokio::net::TcpStream>,
 }
 
 impl RawSocket {
     /// Opens `ws://addr/socket.io/?EIO=4&transport=websocket{query}` and reads the OPEN
     /// packet; `Err(status)` when the handshake is refused.
     pub async fn open(addr: SocketAddr, query: &str) -> Result<Self, u16> {
+        Self::open_from(addr, query, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// [`RawSocket::open`] from another loopback source address (its own rate bucket).
+    pub async fn open_from(
+        addr: SocketAddr,
+        query: &str,
+        source: std::net::Ipv4Addr,
+    ) -> Result<Self, u16> {
         let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket{query}");
         let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
         config.max_message_size = Some(64 << 20);
         config.max_frame_size = Some(64 << 20);
-        let connected = tokio_tungstenite::connect_async_with_config(url, Some(config), false);
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.bind(SocketAddr::from((source, 0))).unwrap();
+        let stream = tcp.connect(addr).await.expect("tcp connect");
+        let connected = tokio_tungstenite::client_async_with_config(url, stream, Some(config));
         let (ws, _) = match tokio::time::timeout(PATIENCE, connected).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {

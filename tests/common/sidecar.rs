@@ -10,7 +10,12 @@ use tokio::process::{Child, Command};
 
 use super::{PATIENCE, http};
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_evo-realtime");
+/// The binary under test; `EVO_REALTIME_BINARY` points the same tests at another build
+/// (how the closing notes measure "before").
+pub fn binary() -> String {
+    std::env::var("EVO_REALTIME_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_evo-realtime").to_owned())
+}
 
 /// A port nobody listens on right now.
 pub fn free_port() -> SocketAddr {
@@ -43,7 +48,7 @@ impl Sidecar {
     /// Starts the binary with only `envs` (plus `SIDECAR_LISTEN`) and waits until it serves.
     pub async fn start(envs: &[(&str, String)]) -> Self {
         let addr = free_port();
-        let mut command = Command::new(BINARY);
+        let mut command = Command::new(binary());
         command
             .env_clear()
             .env("SIDECAR_LISTEN", addr.to_string())
@@ -79,6 +84,17 @@ impl Sidecar {
     /// The process's resident set, KiB.
     pub fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    /// The process's peak resident set so far, KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Waits `settle` and returns the RSS then (freed memory returns to the OS lazily).
+    pub async fn settled_rss_kib(&self, settle: Duration) -> u64 {
+        tokio::time::sleep(settle).await;
+        self.rss_kib()
     }
 
     /// The process's open file descriptors.
