@@ -52,10 +52,15 @@ impl Sidecar {
         command
             .env_clear()
             .env("SIDECAR_LISTEN", addr.to_string())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("EVO_SIDECAR_LOG").unwrap_or("warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // `EVO_SIDECAR_LOG=debug` shows the sidecar's logs while debugging a test.
+            .stderr(if std::env::var_os("EVO_SIDECAR_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true);
         for (name, value) in envs {
             command.env(name, value);
