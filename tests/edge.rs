@@ -696,12 +696,18 @@ async fn connect_with_key(addr: SocketAddr, key: &str) -> String {
         ))
         .await
         .unwrap();
-    let frame = tokio::time::timeout(PATIENCE, socket.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    frame.to_text().unwrap().to_owned()
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, socket.next())
+            .await
+            .expect("an answer to CONNECT")
+            .unwrap()
+            .unwrap();
+        let text = frame.to_text().unwrap().to_owned();
+        if text != "2" {
+            return text;
+        }
+        socket.send(Message::text("3")).await.unwrap();
+    }
 }
 
 #[tokio::test]
