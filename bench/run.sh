@@ -61,7 +61,8 @@ fi
 
 # --- limits and pinning --------------------------------------------------------------------
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+# The sidecar caps open connections at (ulimit -n - 64) / 2 (each may also hold an upstream one).
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 20500 ]; then
   say "open files limited to $(ulimit -n): scenarios with 10,000 sockets may fail"
 fi
 pin_server=()
@@ -105,9 +106,10 @@ start_server() {
     ours)
       url=http://127.0.0.1:$OURS_PORT hook=/_sidecar/webhook
       # Every benchmark client comes from 127.0.0.1: lift the per-IP handshake limit (20/s
-      # by default), or most of them get 429.
+      # by default), or most of them get 429, and the per-IP connection cap (256).
       env AUTHENTICATION_API_KEY=$APIKEY SIDECAR_LISTEN=127.0.0.1:$OURS_PORT \
         SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
+        SIDECAR_MAX_TCP_CONNECTIONS_PER_IP=0 \
         SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 \
         "${pin_server[@]}" target/release/evo-realtime >"$log" 2>&1 &
       ;;

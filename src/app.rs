@@ -20,7 +20,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
-use axum::serve::ListenerExt as _;
 use http::StatusCode;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
@@ -32,8 +31,10 @@ use crate::config::{self, Config};
 use crate::guard::{self, Guard};
 use crate::hub::{self, Hub};
 use crate::inspector;
+use crate::peer::TrustedProxies;
 use crate::proxy::{self, Proxy};
 use crate::replay;
+use crate::server;
 use crate::telemetry::{self, Health};
 use crate::upstream::Upstream;
 use crate::webhook::{self, Webhook};
@@ -50,6 +51,9 @@ pub struct App {
     grace: Duration,
     /// How often token-authenticated sockets are re-checked.
     token_ttl: Duration,
+    /// TCP connection caps, and the header/idle timeout, of both listeners.
+    limits: server::Limits,
+    header_timeout: Duration,
 }
 
 impl App {
@@ -77,7 +81,14 @@ impl App {
             hub.clone(),
             draining.clone(),
         )?);
-        let proxy = Arc::new(Proxy::new(&config.upstream)?);
+        let trusted = TrustedProxies::parse(&config.guard.trusted_proxies).map_err(|err| {
+            config::invalid(
+                "guard.trusted_proxies",
+                &config.guard.trusted_proxies.join(","),
+                err,
+            )
+        })?;
+        let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
         let guard = Arc::new(Guard::new(&config.guard, hub.connected())?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
@@ -146,6 +157,8 @@ impl App {
             draining,
             grace: Duration::from_secs(config.shutdown_grace_secs),
             token_ttl: Duration::from_secs(config.auth.token_cache_ttl_secs),
+            limits: server::Limits::new(&config.server, trusted),
+            header_timeout: Duration::from_secs(config.server.header_timeout_secs),
         })
     }
 
@@ -208,28 +221,24 @@ impl App {
         };
         if let (Some(listener), Some((_, router))) = (metrics_listener, self.metrics_router) {
             let stop = reached(phase_rx.clone(), 1);
+            let limits = server::Limits::new(&server::Config::default(), TrustedProxies::default());
+            let header_timeout = self.header_timeout;
             tokio::spawn(async move {
-                let server = axum::serve(listener, router).with_graceful_shutdown(stop);
-                if let Err(err) = server.await {
+                let served = server::serve(listener, router, &limits, header_timeout, stop);
+                if let Err(err) = served.await {
                     tracing::error!(error = %err, "metrics listener failed");
                 }
             });
         }
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
-        // Without TCP_NODELAY, Nagle holds each event frame written while an earlier one is
-        // unacknowledged until the client's delayed ACK (up to 40 ms on Linux): the latency
-        // tail of every fan-out. Node's `ws` sets it too.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-            }
-        });
-        let server =
-            axum::serve(listener, service).with_graceful_shutdown(reached(phase_rx.clone(), 1));
+        let server = server::serve(
+            listener,
+            self.router,
+            &self.limits,
+            self.header_timeout,
+            reached(phase_rx.clone(), 1),
+        );
         let result = tokio::select! {
-            result = server.into_future() => result,
+            result = server => result,
             () = reached(phase_rx, 2) => {
                 tracing::warn!("grace period ran out: closing remaining connections");
                 Ok(())

@@ -19,7 +19,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{auth, cluster, guard, hub, replay, telemetry, upstream, webhook};
+use crate::{auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook};
 
 pub const ENV_CONFIG: &str = "SIDECAR_CONFIG";
 pub const ENV_LISTEN: &str = "SIDECAR_LISTEN";
@@ -64,6 +64,9 @@ pub const ENV_HANDSHAKE_BURST_PER_IP: &str = "SIDECAR_HANDSHAKE_BURST_PER_IP";
 pub const ENV_TRUSTED_PROXIES: &str = "SIDECAR_TRUSTED_PROXIES";
 pub const ENV_MAX_CONNECTIONS: &str = "SIDECAR_MAX_CONNECTIONS";
 pub const ENV_REDIS_TIMEOUT_MS: &str = "SIDECAR_REDIS_TIMEOUT_MS";
+pub const ENV_MAX_TCP_CONNECTIONS: &str = "SIDECAR_MAX_TCP_CONNECTIONS";
+pub const ENV_MAX_TCP_CONNECTIONS_PER_IP: &str = "SIDECAR_MAX_TCP_CONNECTIONS_PER_IP";
+pub const ENV_HTTP_HEADER_TIMEOUT_SECS: &str = "SIDECAR_HTTP_HEADER_TIMEOUT_SECS";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +141,12 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_HANDSHAKE_BURST_PER_IP, "guard.handshake_burst_per_ip"),
     var(ENV_TRUSTED_PROXIES, "guard.trusted_proxies"),
     var(ENV_MAX_CONNECTIONS, "guard.max_connections"),
+    var(ENV_MAX_TCP_CONNECTIONS, "server.max_tcp_connections"),
+    var(
+        ENV_MAX_TCP_CONNECTIONS_PER_IP,
+        "server.max_tcp_connections_per_ip",
+    ),
+    var(ENV_HTTP_HEADER_TIMEOUT_SECS, "server.header_timeout_secs"),
 ];
 
 /// The whole configuration, one section per concern.
@@ -161,6 +170,7 @@ pub struct Config {
     pub replay: replay::Config,
     pub redis: cluster::Config,
     pub guard: guard::Config,
+    pub server: server::Config,
 }
 
 impl Default for Config {
@@ -178,6 +188,7 @@ impl Default for Config {
             replay: replay::Config::default(),
             redis: cluster::Config::default(),
             guard: guard::Config::default(),
+            server: server::Config::default(),
         }
     }
 }
@@ -232,6 +243,7 @@ impl Config {
         self.replay.validate()?;
         self.redis.validate()?;
         self.guard.validate()?;
+        self.server.validate()?;
         Ok(())
     }
 

@@ -23,6 +23,8 @@
 //! - [`telemetry`]: logs and health.
 //! - [`inspector`]: the live event inspector page, `/_sidecar/inspector`.
 //! - [`app`]: the router, its layer order, and graceful shutdown.
+//! - [`server`]: the accept loop: TCP connection caps, header/idle timeout, accept backoff.
+//! - [`peer`]: trusted proxies and the per-client key, shared by `server` and `proxy`.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -35,8 +37,10 @@ pub mod guard;
 pub mod hub;
 pub mod inspector;
 pub mod json_object;
+pub mod peer;
 pub mod proxy;
 pub mod replay;
+pub mod server;
 pub mod sio_request;
 pub mod telemetry;
 pub mod upstream;

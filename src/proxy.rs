@@ -2,11 +2,18 @@
 //! streamed to Evolution API unchanged, so the sidecar can own Evolution's public port.
 //!
 //! Bodies stream both ways and are never buffered whole. Hop-by-hop headers are dropped,
-//! `X-Forwarded-For` is appended to, `X-Forwarded-Proto`/`-Host` are set when absent. No
+//! `X-Forwarded-For` is appended to. `X-Forwarded-Proto`/`-Host` are set from this hop
+//! (`http`, the request's `Host`), overwriting what the client sent, unless the peer is one
+//! of `SIDECAR_TRUSTED_PROXIES` (then they are kept when present): a client could
+//! otherwise make Evolution build links or redirects for a host of its choosing. No
 //! CORS header is added: Evolution sends its own, and a duplicate breaks browsers.
+//!
+//! `CONNECT` (a tunnel to any address, through Evolution's network position) and
+//! `OPTIONS *` are not resources of Evolution's API: they are answered 405 here.
 //!
 //! | failure                                  | answer      |
 //! |------------------------------------------|-------------|
+//! | `CONNECT`, or `OPTIONS *`                | 405 JSON    |
 //! | upstream unreachable                     | 502 JSON    |
 //! | no response headers within the timeout   | 504 JSON    |
 //! | response body idle for the timeout       | stream cut  |
@@ -30,6 +37,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 
 use crate::config;
+use crate::peer::TrustedProxies;
 use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,8 @@ pub enum Error {
     Timeout(u64),
     #[error("bad request target")]
     BadTarget,
+    #[error("method not allowed here")]
+    MethodNotAllowed,
 }
 
 impl IntoResponse for Error {
@@ -48,6 +58,7 @@ impl IntoResponse for Error {
             Error::Unreachable => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::BadTarget => StatusCode::BAD_REQUEST,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         };
         (
             status,
@@ -65,10 +76,12 @@ pub struct Proxy {
     base_path: String,
     timeout: Duration,
     timeout_secs: u64,
+    /// Peers whose `X-Forwarded-Proto`/`-Host` are kept.
+    trusted: TrustedProxies,
 }
 
 impl Proxy {
-    pub fn new(config: &upstream::Config) -> Result<Self, config::Error> {
+    pub fn new(config: &upstream::Config, trusted: TrustedProxies) -> Result<Self, config::Error> {
         config.validate()?;
         let uri: Uri = config
             .base_url()
@@ -98,6 +111,7 @@ impl Proxy {
                 .unwrap_or_default(),
             timeout: Duration::from_secs(config.timeout_secs),
             timeout_secs: config.timeout_secs,
+            trusted,
         })
     }
 }
@@ -139,6 +153,12 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
 }
 
 async fn send(proxy: &Proxy, request: Request) -> Result<Response, Error> {
+    // `OPTIONS *` arrives with the URI `*`; CONNECT with an authority and no path.
+    if request.method() == http::Method::CONNECT
+        || (request.method() == http::Method::OPTIONS && request.uri() == "*")
+    {
+        return Err(Error::MethodNotAllowed);
+    }
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -169,13 +189,16 @@ async fn send(proxy: &Proxy, request: Request) -> Result<Response, Error> {
             headers.insert("x-forwarded-for", value);
         }
     }
-    if !headers.contains_key("x-forwarded-proto") {
+    // In-process callers (tests through `oneshot`) have no peer: treated as untrusted.
+    let trusted = peer.is_some_and(|ip| proxy.trusted.contains(ip));
+    if !(trusted && headers.contains_key("x-forwarded-proto")) {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    if let Some(host) = original_host
-        && !headers.contains_key("x-forwarded-host")
-    {
-        headers.insert("x-forwarded-host", host);
+    if !(trusted && headers.contains_key("x-forwarded-host")) {
+        match original_host {
+            Some(host) => headers.insert("x-forwarded-host", host),
+            None => headers.remove("x-forwarded-host"),
+        };
     }
     // The upstream sees its own authority as Host, as behind any reverse proxy.
     if let Ok(host) = HeaderValue::from_str(proxy.authority.as_str()) {

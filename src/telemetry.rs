@@ -28,9 +28,8 @@ pub enum LogFormat {
 /// Installs the global subscriber: `RUST_LOG` (default `info`), text or JSON.
 pub fn init_tracing(format: LogFormat, rust_log: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = rust_log
-        .and_then(|value| EnvFilter::try_new(value).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(log_filter(rust_log))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -42,6 +41,35 @@ pub fn init_tracing(format: LogFormat, rust_log: Option<&str>) {
     };
     // Already installed (tests start many apps in one process): keep the first.
     let _ = result;
+}
+
+/// Crates that log whole frames (CONNECT packets with `auth.apikey`, event payloads) at
+/// debug and trace. They stay at `info` unless `RUST_LOG` names them itself.
+const FRAME_LOGGERS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "engineioxide",
+    "socketioxide",
+];
+
+/// The filter directives for `RUST_LOG`: the given ones (or `info` if they do not parse),
+/// with [`FRAME_LOGGERS`] capped at `info` unless a directive names them.
+pub fn log_filter(rust_log: Option<&str>) -> String {
+    let given = rust_log
+        .map(str::trim)
+        .filter(|value| !value.is_empty() && tracing_subscriber::EnvFilter::try_new(value).is_ok())
+        .unwrap_or("info");
+    let named = |target: &str| {
+        given.split(',').any(|directive| {
+            let name = directive.split(['=', '[']).next().unwrap_or("").trim();
+            name == target || name.starts_with(&format!("{target}::"))
+        })
+    };
+    let mut filter = given.to_owned();
+    for target in FRAME_LOGGERS.iter().filter(|target| !named(target)) {
+        filter.push_str(&format!(",{target}=info"));
+    }
+    filter
 }
 
 /// How long a readiness answer about the upstream is reused.
@@ -130,6 +158,24 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn frame_loggers_are_capped_unless_named() {
+        assert_eq!(
+            log_filter(None),
+            "info,tungstenite=info,tokio_tungstenite=info,engineioxide=info,socketioxide=info"
+        );
+        let trace = log_filter(Some("trace"));
+        assert!(trace.starts_with("trace,") && trace.contains("engineioxide=info"));
+        let named = log_filter(Some("trace,engineioxide=trace"));
+        assert!(!named.contains("engineioxide=info") && named.contains("socketioxide=info"));
+        assert_eq!(log_filter(Some("not a [filter")), log_filter(None));
+    }
+}
+
 // === Metrics ===
 
 /// Prometheus metric names: one place, so the README and the tests name the same series.
@@ -154,6 +200,9 @@ pub mod names {
     pub const REDIS_UP: &str = "evo_redis_up";
     pub const REVOCATIONS: &str = "evo_socket_revocations_total";
     pub const EMIT_BYTES_REFUSED: &str = "evo_emit_bytes_refused_total";
+    pub const TCP_CONNECTIONS: &str = "evo_tcp_connections";
+    pub const TCP_REFUSED: &str = "evo_tcp_connections_refused_total";
+    pub const ACCEPT_ERRORS: &str = "evo_accept_errors_total";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

@@ -19,6 +19,14 @@
 //! | `Envelope(Syntax)`      | 400    |
 //! | `Envelope(Semantic)`    | 422    |
 //! | `SuffixMismatch`        | 422    |
+//!
+//! A refusal decided before the body is read (503, 404, 413, 415, 401, 403) first reads
+//! and discards the body, up to twice `max_body_bytes` and within `read_timeout_secs`,
+//! and every refusal that did not read the whole body says `Connection: close`. Closing a
+//! socket with unread bytes makes the kernel send a reset, and Node's `http` client (what
+//! Evolution's axios uses) then reports `EPIPE` instead of the status: a non-retryable
+//! 413 would become a retried network error. A client that sent `Expect: 100-continue`
+//! has not sent its body: nothing is drained, and it is answered at once.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,7 +37,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -197,6 +205,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the refusal may leave part of the body unread, so the connection must close.
+    fn body_unread(&self) -> bool {
+        !matches!(self, Error::Envelope(_) | Error::SuffixMismatch { .. })
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Draining => StatusCode::SERVICE_UNAVAILABLE,
@@ -278,7 +291,16 @@ pub async fn ingest(State(webhook): State<Arc<Webhook>>, request: Request) -> Re
     let mut event_label = "unknown";
     let response = match accept(&webhook, request, &mut event_label).await {
         Ok(response) => response,
-        Err(err) => err.into_response(),
+        Err(err) => {
+            let close = err.body_unread();
+            let mut response = err.into_response();
+            if close {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            response
+        }
     };
     let status = response.status().as_u16().to_string();
     metrics::counter!(names::WEBHOOKS, "event" => event_label, "status" => status).increment(1);
@@ -291,26 +313,19 @@ async fn accept(
     request: Request,
     event_label: &mut &'static str,
 ) -> Result<Response, Error> {
-    // Stage 1: while draining, Evolution must retry elsewhere.
-    if webhook.draining.load(Ordering::Relaxed) {
-        return Err(Error::Draining);
-    }
-    // Stage 2: split the path into an optional token and an optional by-events suffix.
-    let route = WebhookPath::parse(&webhook.config, request.uri().path())?;
-
-    // Stage 3: refuse what is too large or not JSON before reading a byte of it.
-    let limit = webhook.config.max_body_bytes;
-    check_head(request.headers(), limit)?;
-
-    // Stage 4: credentials (or the peer allow-list when none is configured).
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    authenticate(webhook, &route, request.headers(), peer)?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(webhook.config.read_timeout_secs);
+    let drain_limit = webhook.config.max_body_bytes.saturating_mul(DRAIN_FACTOR);
+    let route = match check_before_body(webhook, &request) {
+        Ok(route) => route,
+        Err(err) => {
+            drain(request, drain_limit, deadline).await;
+            return Err(err);
+        }
+    };
 
     // Stage 5: the body, bounded in size and time.
-    let body = read_body(request, limit, webhook.config.read_timeout_secs).await?;
+    let body = read_body(request, &webhook.config, deadline).await?;
 
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
@@ -346,6 +361,61 @@ async fn accept(
         "webhook accepted"
     );
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// Stages 1 to 4, decided from the request head alone.
+fn check_before_body(webhook: &Webhook, request: &Request) -> Result<WebhookPath, Error> {
+    // Stage 1: while draining, Evolution must retry elsewhere.
+    if webhook.draining.load(Ordering::Relaxed) {
+        return Err(Error::Draining);
+    }
+    // Stage 2: split the path into an optional token and an optional by-events suffix.
+    let route = WebhookPath::parse(&webhook.config, request.uri().path())?;
+
+    // Stage 3: refuse what is too large or not JSON before reading a byte of it.
+    check_head(request.headers(), webhook.config.max_body_bytes)?;
+
+    // Stage 4: credentials (or the peer allow-list when none is configured).
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    authenticate(webhook, &route, request.headers(), peer)?;
+    Ok(route)
+}
+
+/// A refused body is read and discarded up to this many times `max_body_bytes`: enough
+/// for Evolution's over-limit batches to read their 413, and bounded for anyone else.
+const DRAIN_FACTOR: u64 = 2;
+
+/// Reads and discards a refused request's body, up to `limit` bytes and `deadline`, so
+/// the answer is not lost to a reset. One frame is held at a time.
+async fn drain(request: Request, limit: u64, deadline: tokio::time::Instant) {
+    let headers = request.headers();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Reading would send `100 Continue` and invite the body we are refusing.
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue || declared.is_some_and(|length| length > limit) {
+        return;
+    }
+    discard(request.into_body(), limit, deadline).await;
+}
+
+async fn discard(mut body: axum::body::Body, limit: u64, deadline: tokio::time::Instant) {
+    let mut seen = 0u64;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+        if let Some(data) = frame.data_ref() {
+            seen = seen.saturating_add(data.len() as u64);
+            if seen > limit {
+                return;
+            }
+        }
+    }
 }
 
 /// The parts of a webhook URL after the configured path.
@@ -495,18 +565,35 @@ fn verify_jwt(
     Ok(())
 }
 
-async fn read_body(request: Request, limit: u64, timeout_secs: u64) -> Result<bytes::Bytes, Error> {
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    let body = Limited::new(request.into_body(), limit_usize);
-    let collected = tokio::time::timeout(Duration::from_secs(timeout_secs), body.collect())
-        .await
-        .map_err(|_| Error::ReadTimeout(timeout_secs))?;
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(Error::TooLarge { limit })
+/// The body, at most `max_body_bytes`, complete by `deadline`. Past the limit, the rest
+/// is drained (up to `DRAIN_FACTOR` times the limit in all) before the 413.
+async fn read_body(
+    request: Request,
+    config: &Config,
+    deadline: tokio::time::Instant,
+) -> Result<bytes::Bytes, Error> {
+    let limit = config.max_body_bytes;
+    let mut body = request.into_body();
+    let mut buffer = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| Error::ReadTimeout(config.read_timeout_secs))?;
+        let Some(frame) = frame else {
+            return Ok(buffer.freeze());
+        };
+        let frame = frame.map_err(|err| Error::BodyCut(err.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buffer.len() as u64 + data.len() as u64 > limit {
+            let read = buffer.len() as u64 + data.len() as u64;
+            drop(buffer);
+            let drain_limit = limit.saturating_mul(DRAIN_FACTOR);
+            discard(body, drain_limit.saturating_sub(read), deadline).await;
+            return Err(Error::TooLarge { limit });
         }
-        Err(err) => Err(Error::BodyCut(err.to_string())),
+        buffer.extend_from_slice(&data);
     }
 }
 
