@@ -370,7 +370,7 @@ async fn json_logs_carry_no_secret() {
     .await;
     js.emit_ack("t", "message/sendText", vec![json!({"number": "1"})])
         .await;
-    let jwt = evolution_jwt(jwt_secret, 0);
+    let jwt = evolution_jwt(&webhook_credential(jwt_secret, "acme"), 0);
     let response = http()
         .post(binary.url("/_sidecar/webhook"))
         .header("authorization", format!("Bearer {jwt}"))
@@ -408,6 +408,10 @@ async fn json_logs_carry_no_secret() {
         "one line per webhook at debug"
     );
     assert!(logs.contains("request_id"), "lines carry request ids");
+    assert!(
+        logs.contains("webhooks accepted with") && logs.contains("JWT (per instance)"),
+        "the start says what webhooks it accepts"
+    );
     for secret in [
         GLOBAL_KEY,
         ACME_TOKEN,
@@ -420,6 +424,46 @@ async fn json_logs_carry_no_secret() {
             !logs.contains(secret),
             "a secret reached the logs: {secret}"
         );
+    }
+}
+
+#[test]
+fn webhook_credential_prints_an_instances_headers() {
+    let run = |instance: &str, envs: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(BINARY);
+        command.args(["webhook-credential", instance]).env_clear();
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let masters = [
+        ("SIDECAR_WEBHOOK_JWT_SECRET", "jwt-master"),
+        ("SIDECAR_WEBHOOK_SECRET", "header-master"),
+    ];
+    let output = run("acme", &masters);
+    assert!(output.status.success(), "{output:?}");
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        printed,
+        json!({
+            "jwt_key": webhook_credential("jwt-master", "acme"),
+            "x-webhook-secret": webhook_credential("header-master", "acme"),
+        })
+    );
+    let other: Value = serde_json::from_slice(&run("other", &masters).stdout).unwrap();
+    assert_ne!(
+        other["jwt_key"], printed["jwt_key"],
+        "one credential per instance"
+    );
+    // Without a master secret, or in the shared mode, there is nothing per instance to print.
+    for envs in [
+        vec![],
+        vec![masters[0], ("SIDECAR_WEBHOOK_CREDENTIALS", "shared")],
+    ] {
+        let output = run("acme", &envs);
+        assert_eq!(output.status.code(), Some(64), "{envs:?}");
+        assert!(output.stdout.is_empty());
     }
 }
 

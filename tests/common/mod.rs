@@ -623,6 +623,15 @@ pub fn with_key(transport: &str, key: &str) -> Value {
 
 // === JWTs as Evolution signs them ===
 
+/// The webhook credential of `instance` under `master`, computed independently of the
+/// sidecar: lowercase hex of HMAC-SHA256(master, instance), as the README documents it.
+pub fn webhook_credential(master: &str, instance: &str) -> String {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, master.as_bytes());
+    let tag = hmac::sign(&key, instance.as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn evolution_jwt(secret: &str, issued_ago_secs: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

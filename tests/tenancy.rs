@@ -1,0 +1,214 @@
+//! Tenants stay apart: a webhook credential for one instance never posts for another, a
+//! deleted instance leaves nothing behind, the default webhook mode does not trust a
+//! same-host proxy, metrics are not public, and revoked tokens go within one TTL.
+//! Instance `acme` is ACME_TOKEN's; instance `other` is OTHER_TOKEN's.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use evo_realtime::config::Secret;
+use serde_json::{Value, json};
+
+const JWT_MASTER: &str = "jwt-master-secret-0123";
+const HEADER_MASTER: &str = "header-master-secret-4567";
+const PATH_TOKEN: &str = "server-wide-path-token";
+
+async fn post(url: &str, body: &Value, headers: &[(&str, String)]) -> (u16, Value) {
+    let mut request = http()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn qrcode(instance: &str, base64: &str) -> Value {
+    json!({"event": "qrcode.updated", "instance": instance, "data": {"qrcode": {"base64": base64}}})
+}
+
+type Headers = Vec<(&'static str, String)>;
+
+fn bearer(token: String) -> Headers {
+    vec![("authorization", format!("Bearer {token}"))]
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn a_webhook_credential_for_one_instance_is_refused_for_another() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.jwt_secret = Some(Secret::new(JWT_MASTER));
+    config.webhook.secret = Some(Secret::new(HEADER_MASTER));
+    config.webhook.path_token = Some(Secret::new(PATH_TOKEN));
+    let app = spawn_app(config).await;
+    let url = app.webhook_url();
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "other",
+        &app.url("/other"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+
+    // What acme's owner can read back from GET /webhook/find/acme.
+    let acme_jwt_key = webhook_credential(JWT_MASTER, "acme");
+    let acme_header = webhook_credential(HEADER_MASTER, "acme");
+    let cases: Vec<(&str, Value, Headers, u16)> = vec![
+        (
+            "acme's JWT for acme",
+            qrcode("acme", "a"),
+            bearer(evolution_jwt(&acme_jwt_key, 0)),
+            200,
+        ),
+        (
+            "acme's JWT for other",
+            qrcode("other", "attacker"),
+            bearer(evolution_jwt(&acme_jwt_key, 0)),
+            401,
+        ),
+        (
+            "acme's header secret for acme",
+            qrcode("acme", "b"),
+            vec![("x-webhook-secret", acme_header.clone())],
+            200,
+        ),
+        (
+            "acme's header secret for other",
+            qrcode("other", "attacker"),
+            vec![("x-webhook-secret", acme_header.clone())],
+            401,
+        ),
+        (
+            "the master JWT secret itself (the old shared credential)",
+            qrcode("other", "attacker"),
+            bearer(evolution_jwt(JWT_MASTER, 0)),
+            401,
+        ),
+        (
+            "the master header secret itself (the old shared credential)",
+            qrcode("other", "attacker"),
+            vec![("x-webhook-secret", HEADER_MASTER.to_owned())],
+            401,
+        ),
+        (
+            "other's own JWT for other",
+            qrcode("other", "legit-jwt"),
+            bearer(evolution_jwt(&webhook_credential(JWT_MASTER, "other"), 0)),
+            200,
+        ),
+    ];
+    for (what, body, headers, status) in &cases {
+        let (got, answer) = post(&url, body, headers).await;
+        assert_eq!(got, *status, "{what}: {answer}");
+        if *status == 401 {
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("other"),
+                "{what}: names the instance: {message}"
+            );
+        }
+    }
+    // The server-wide path token (the global webhook's) accepts any instance.
+    for instance in ["acme", "other"] {
+        let body = qrcode(instance, "legit-path");
+        let (got, answer) = post(&format!("{url}/{PATH_TOKEN}"), &body, &[]).await;
+        assert_eq!(got, 200, "path token for {instance}: {answer}");
+    }
+    // Only the two legitimate events for `other` reached its sockets, in order.
+    for expected in ["legit-jwt", "legit-path"] {
+        let (event, text) = js.next_event("other").await;
+        assert_eq!(event, "qrcode.updated");
+        let args: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(args[0]["data"]["qrcode"]["base64"], expected, "{text}");
+    }
+    js.assert_no_event("other", Duration::from_millis(300))
+        .await;
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_jwt_not_yet_valid_is_refused() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.jwt_secret = Some(Secret::new(JWT_MASTER));
+    let leeway = config.webhook.jwt_leeway_secs as i64;
+    let app = spawn_app(config).await;
+    let key = webhook_credential(JWT_MASTER, "acme");
+    let claims = |nbf: i64| json!({"iat": now(), "nbf": nbf, "exp": now() + 600, "app": "evolution", "action": "webhook"});
+    let cases = [
+        ("nbf now", now(), 200),
+        (
+            "nbf within the leeway (clock skew)",
+            now() + leeway / 2,
+            200,
+        ),
+        ("nbf beyond the leeway", now() + leeway + 600, 401),
+    ];
+    for (what, nbf, status) in cases {
+        let headers = bearer(sign_jwt(&key, &claims(nbf)));
+        // A distinct body per case, so none is answered as a duplicate.
+        let body = qrcode("acme", what);
+        let (got, answer) = post(&app.webhook_url(), &body, &headers).await;
+        assert_eq!(got, status, "{what}: {answer}");
+        if status == 401 {
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(message.contains("not valid yet"), "{what}: {message}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_same_host_proxy_cannot_post_in_the_default_mode() {
+    let evolution = FakeEvolution::start().await;
+    // No webhook credential: the default peer mode.
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let url = app.webhook_url();
+    let body = qrcode("acme", "x");
+    let (status, answer) = post(&url, &body, &[]).await;
+    assert_eq!(status, 200, "Evolution on loopback, no proxy: {answer}");
+    // What nginx, Caddy, Envoy/Istio add in front of the sidecar.
+    for (name, value) in [
+        ("x-forwarded-for", "203.0.113.7"),
+        ("forwarded", "for=203.0.113.7"),
+        ("via", "1.1 caddy"),
+        ("x-real-ip", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-envoy-attempt-count", "1"),
+        (
+            "x-forwarded-client-cert",
+            "By=spiffe://cluster.local/ns/x/sa/y",
+        ),
+    ] {
+        let (status, answer) = post(&url, &body, &[(name, value.to_owned())]).await;
+        assert_eq!(status, 403, "{name}: {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(message.contains(name), "{name}: {message}");
+    }
+    // Istio's inbound sidecar (REDIRECT mode) connects from 127.0.0.6: not Evolution.
+    let mesh = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 6]))
+        .build()
+        .unwrap();
+    let response = mesh
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403, "a peer at 127.0.0.6");
+}
+
