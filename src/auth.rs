@@ -308,6 +308,38 @@ pub async fn check_handshake(
     }
 }
 
+/// HTTP middleware on `/_sidecar/metrics` on the public listener: instance names and usage
+/// are for the operator, so it takes `Authorization: Bearer <global key>` (Prometheus'
+/// `authorization` scrape setting). Without a global key configured, it is always 401.
+pub async fn require_global_key(
+    State(auth): State<Arc<Authenticator>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if presented.is_some_and(|key| auth.is_global(key)) {
+        return next.run(request).await;
+    }
+    let body = serde_json::json!({
+        "error": "metrics need `Authorization: Bearer <AUTHENTICATION_API_KEY>` on this listener, or SIDECAR_METRICS_LISTEN"
+    });
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::WWW_AUTHENTICATE, "Bearer"),
+        ],
+        Body::from(body.to_string()),
+    )
+        .into_response()
+}
+
 /// Evolution's rejection: polling gets 403 `{"code":4,...}`, a websocket upgrade 400.
 fn handshake_refusal(err: &Error, websocket: bool) -> Response {
     let status = if websocket {

@@ -20,6 +20,17 @@ async fn get(url: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+/// A scrape of the public listener's metrics, which take the global key as a bearer token.
+async fn scrape_metrics(url: &str) -> (u16, String) {
+    let response = http()
+        .get(url)
+        .header("authorization", format!("Bearer {GLOBAL_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
 /// Polls `check` until it holds, with bounded patience.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -118,7 +129,7 @@ async fn accepted_connections_have_tcp_nodelay() {
 async fn metrics_change_with_traffic() {
     let evolution = FakeEvolution::start().await;
     let app = spawn_app(test_config(&evolution.url())).await;
-    let scrape = || async { get(&app.url("/_sidecar/metrics")).await.1 };
+    let scrape = || async { scrape_metrics(&app.url("/_sidecar/metrics")).await.1 };
     let mut js = JsDriver::start().await;
     js.connect(
         "m",
@@ -197,7 +208,9 @@ async fn metrics_move_to_their_own_listener() {
         let _ = rx.await;
     }));
     assert_eq!(
-        get(&format!("http://{public}/_sidecar/metrics")).await.0,
+        scrape_metrics(&format!("http://{public}/_sidecar/metrics"))
+            .await
+            .0,
         404
     );
     let (status, body) = get(&format!("http://{free}/_sidecar/metrics")).await;

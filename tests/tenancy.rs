@@ -212,3 +212,44 @@ async fn a_same_host_proxy_cannot_post_in_the_default_mode() {
     assert_eq!(response.status().as_u16(), 403, "a peer at 127.0.0.6");
 }
 
+#[tokio::test]
+async fn anonymous_metrics_are_refused() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "a",
+        &app.url("/secret-tenant"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    let scrape = |auth: Option<String>| {
+        let mut request = http().get(app.url("/_sidecar/metrics"));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    for (what, auth) in [
+        ("anonymous", None),
+        ("an instance token", Some(format!("Bearer {ACME_TOKEN}"))),
+        ("a wrong key", Some(format!("Bearer {GLOBAL_KEY}x"))),
+        (
+            "the global key, not as a bearer",
+            Some(GLOBAL_KEY.to_owned()),
+        ),
+    ] {
+        let (status, text) = scrape(auth).await;
+        assert_eq!(status, 401, "{what}: {text}");
+        assert!(!text.contains("secret-tenant"), "{what}: {text}");
+    }
+    let (status, text) = scrape(Some(format!("Bearer {GLOBAL_KEY}"))).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("namespace=\"/secret-tenant\""), "{text}");
+    js.shutdown().await;
+}
+
