@@ -181,6 +181,44 @@ impl Authenticator {
         entry.answer.get_or_init(|| self.lookup(key)).await.clone()
     }
 
+    /// Who `key` is according to Evolution now, bypassing the cache (the revalidator: a
+    /// cached answer could keep a revoked token for a second TTL). A key that is no longer
+    /// valid, or whose instances changed, also leaves the cache, so its next CONNECT asks
+    /// Evolution again.
+    pub async fn resolve_fresh(&self, key: &str) -> Result<Principal, Error> {
+        if key.is_empty() {
+            return Err(Error::Invalid);
+        }
+        if self.is_global(key) {
+            return Ok(Principal::Global);
+        }
+        let answer = self.lookup(key).await;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = match (&answer, cache.get(key).and_then(|entry| entry.answer.get())) {
+            (Err(Error::Unavailable(_)), _) | (_, None) => false,
+            (Ok(fresh), Some(Ok(cached))) => fresh != cached,
+            _ => true,
+        };
+        if stale {
+            cache.remove(key);
+        }
+        answer
+    }
+
+    /// Forgets every cached answer that lists `instance`, and lookups still in flight
+    /// (their answer may predate the deletion): after an instance is deleted, the next
+    /// CONNECT of any of its tokens asks Evolution again. Returns how many went.
+    pub fn invalidate_instance(&self, instance: &InstanceName) -> usize {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let before = cache.len();
+        cache.retain(|_, entry| match entry.answer.get() {
+            None => false,
+            Some(Ok(Principal::Instances(names))) => !names.contains(instance),
+            Some(_) => true,
+        });
+        before - cache.len()
+    }
+
     fn entry(&self, key: &str) -> Arc<CacheEntry> {
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());

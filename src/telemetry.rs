@@ -153,6 +153,8 @@ pub mod names {
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
     pub const REVOCATIONS: &str = "evo_socket_revocations_total";
+    pub const REVALIDATION_FAILURES: &str = "evo_token_revalidation_failures_total";
+    pub const UNVERIFIED_SOCKETS: &str = "evo_token_sockets_unverified";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use evo_realtime::config::Secret;
@@ -253,3 +253,197 @@ async fn anonymous_metrics_are_refused() {
     js.shutdown().await;
 }
 
+#[tokio::test]
+async fn deleting_an_instance_forgets_it() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    // Long enough that only the deletion can make the sidecar ask Evolution again.
+    config.auth.token_cache_ttl_secs = 3600;
+    let app = spawn_app(config).await;
+    let url = app.webhook_url();
+    let mut js = JsDriver::start().await;
+    let opts =
+        |key: &str| json!({"transports": ["websocket"], "auth": {"apikey": key, "snapshot": true}});
+
+    // The old owner's instance: a state (with its phone number) and a private message.
+    js.connect("old", &app.url("/acme"), with_key("websocket", ACME_TOKEN))
+        .await;
+    let state = json!({"event": "connection.update", "instance": "acme",
+                       "data": {"state": "open", "wuid": "5511999990000@s.whatsapp.net"}});
+    let private = json!({"event": "messages.upsert", "instance": "acme",
+                         "data": {"message": {"conversation": "old owner's secret"}}});
+    for body in [&state, &private] {
+        assert_eq!(post_webhook(&url, body.to_string()).await.0, 200);
+    }
+    // Control: before the deletion, a bogus offset replays what is retained.
+    js.open_from("before", &app.url("/acme"), opts(ACME_TOKEN), "bogus")
+        .await;
+    let mut before = Vec::new();
+    for _ in 0..4 {
+        before.push(js.next_event("before").await.0);
+    }
+    // The state, then the recovery announcement and everything retained.
+    assert_eq!(
+        before,
+        [
+            "connection.update",
+            "sidecar.recovery",
+            "connection.update",
+            "messages.upsert"
+        ],
+        "the test can see retained events"
+    );
+    js.close("before").await;
+
+    // Evolution deletes the instance and its token; someone re-creates the name.
+    let new_token = "new-owner-token-1357";
+    {
+        let mut tokens = evolution.state.tokens.lock().unwrap();
+        tokens.remove(ACME_TOKEN);
+        tokens.insert(new_token.into(), vec!["acme".into()]);
+    }
+    let deleted =
+        json!({"event": "instance.delete", "instance": "acme", "data": {"instanceName": "acme"}});
+    assert_eq!(post_webhook(&url, deleted.to_string()).await.0, 200);
+    js.wait(|r| r["id"] == "old" && r["type"] == "disconnect")
+        .await;
+
+    // The deleted token is refused at once, not after its cache entry's 3600 s.
+    let lookups = evolution.lookups();
+    let refused = js
+        .connect(
+            "again",
+            &app.url("/acme"),
+            with_key("websocket", ACME_TOKEN),
+        )
+        .await;
+    assert_eq!(refused["type"], "connect_error", "{refused}");
+    assert!(evolution.lookups() > lookups, "Evolution was asked again");
+
+    // The new owner sees nothing of the old one: no state, nothing replayed.
+    js.open_from("new", &app.url("/acme"), opts(new_token), "bogus")
+        .await;
+    let (event, text) = js.next_event("new").await;
+    assert_eq!(event, "sidecar.recovery", "no state first: {text}");
+    let recovery: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(recovery[0]["recovered"], false, "{text}");
+    assert_eq!(recovery[0]["replayed"], 0, "{text}");
+    // Positive control: the new owner's own events arrive, and only those.
+    let fresh = json!({"event": "messages.upsert", "instance": "acme",
+                       "data": {"message": {"conversation": "new owner"}}});
+    assert_eq!(post_webhook(&url, fresh.to_string()).await.0, 200);
+    let (event, text) = js.next_event("new").await;
+    assert_eq!(event, "messages.upsert");
+    assert!(
+        text.contains("new owner") && !text.contains("old owner"),
+        "{text}"
+    );
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_disconnected_within_one_ttl() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    let ttl = Duration::from_secs(3);
+    config.auth.token_cache_ttl_secs = ttl.as_secs();
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "global",
+        &app.url("/acme"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    // Connecting caches the token's positive answer for one TTL from now.
+    let joined = js
+        .connect(
+            "token",
+            &app.url("/acme"),
+            with_key("websocket", ACME_TOKEN),
+        )
+        .await;
+    assert_eq!(joined["type"], "connect");
+    evolution.state.tokens.lock().unwrap().remove(ACME_TOKEN);
+    let revoked = Instant::now();
+    let gone = js
+        .wait_for(|r| r["id"] == "token" && r["type"] == "disconnect", ttl * 3)
+        .await
+        .expect("the revoked token's socket is disconnected");
+    let took = revoked.elapsed();
+    eprintln!("revoked token disconnected {took:?} after the revocation (TTL {ttl:?})");
+    assert_eq!(gone["reason"], "io server disconnect");
+    // One TTL, plus a lookup and the disconnect's trip to the client.
+    assert!(
+        took < ttl + Duration::from_millis(500),
+        "disconnected {took:?} after the revocation (TTL {ttl:?})"
+    );
+    // Control: the global key's socket stays and still gets events.
+    post_webhook(&app.webhook_url(), event_body("call", "acme", 1)).await;
+    assert_eq!(js.next_event("global").await.0, "call");
+    js.shutdown().await;
+}
+
+#[tokio::test]
+async fn while_evolution_errs_token_sockets_are_kept_for_a_bounded_time() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.auth.token_cache_ttl_secs = 1;
+    let grace = Duration::from_secs(4);
+    config.hub.token_unverified_grace_secs = grace.as_secs();
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "global",
+        &app.url("/acme"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    js.connect(
+        "token",
+        &app.url("/acme"),
+        with_key("websocket", ACME_TOKEN),
+    )
+    .await;
+    evolution
+        .state
+        .lookup_status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let failing = Instant::now();
+    let gone = js
+        .wait_for(
+            |r| r["id"] == "token" && r["type"] == "disconnect",
+            grace * 4,
+        )
+        .await
+        .expect("an unverifiable token socket is disconnected after the grace time");
+    let took = failing.elapsed();
+    eprintln!("unverifiable token disconnected {took:?} after Evolution started failing");
+    assert_eq!(gone["reason"], "io server disconnect");
+    // Never unverified for longer than the grace time since the last check that passed
+    // (one TTL before the failures at most), and kept at least grace - 2 TTL: here 2 s.
+    assert!(
+        took > Duration::from_millis(1500) && took < grace + Duration::from_millis(500),
+        "disconnected {took:?} after Evolution started failing (grace {grace:?})"
+    );
+    let metrics = http()
+        .get(app.url("/_sidecar/metrics"))
+        .header("authorization", format!("Bearer {GLOBAL_KEY}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("evo_token_revalidation_failures_total")
+                && !line.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    // Control: the global key does not depend on Evolution.
+    post_webhook(&app.webhook_url(), event_body("call", "acme", 1)).await;
+    assert_eq!(js.next_event("global").await.0, "call");
+    js.shutdown().await;
+}

@@ -172,6 +172,8 @@ pub struct FakeState {
     pub delay_ms: AtomicUsize,
     /// Delay before answering lookups.
     pub lookup_delay_ms: AtomicUsize,
+    /// When non-zero, every lookup is answered with this status (an erring Evolution).
+    pub lookup_status: AtomicUsize,
 }
 
 pub struct FakeEvolution {
@@ -242,6 +244,15 @@ async fn fetch_instances(State(state): State<Arc<FakeState>>, headers: HeaderMap
     let delay = state.lookup_delay_ms.load(Ordering::SeqCst) as u64;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let failing = state.lookup_status.load(Ordering::SeqCst) as u16;
+    if failing != 0 {
+        let status = StatusCode::from_u16(failing).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (
+            status,
+            axum::Json(json!({"status": failing, "error": "failing"})),
+        )
+            .into_response();
     }
     let key = headers
         .get("apikey")
