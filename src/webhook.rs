@@ -619,6 +619,11 @@ fn authenticate(
         ));
     }
     if config.credentials == CredentialMode::PerInstance {
+        // The key depends on the body's instance, but the rest of the token does not: an
+        // expired, immature or malformed JWT is refused before its body is read.
+        if let (None, Some(validation), Some(token)) = (&secret, &webhook.jwt, &jwt) {
+            precheck_jwt(token, validation)?;
+        }
         return Ok(Admission::PerInstance { secret, jwt });
     }
     if let (Some(expected), Some(given)) = (&config.secret, &secret)
@@ -706,6 +711,33 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 const SIGNATURE_INVALID: &str = "jwt signature is invalid";
+
+/// What can be judged of a JWT without its key: the algorithm, `exp` and `nbf` (with the
+/// leeway). Not a verification: [`verify_jwt`] still runs with the instance's key.
+fn precheck_jwt(token: &str, validation: &jsonwebtoken::Validation) -> Result<(), Error> {
+    #[derive(Deserialize)]
+    struct Times {
+        exp: Option<f64>,
+        nbf: Option<f64>,
+    }
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| Error::Unauthorized("jwt is invalid"))?;
+    if !validation.algorithms.contains(&header.alg) {
+        return Err(Error::Unauthorized("jwt algorithm must be HS256"));
+    }
+    let times: Times = jsonwebtoken::dangerous::insecure_decode_claims(token)
+        .map_err(|_| Error::Unauthorized("jwt is invalid"))?;
+    let now = jsonwebtoken::get_current_timestamp() as f64;
+    let leeway = validation.leeway as f64;
+    match times.exp {
+        None => Err(Error::Unauthorized("jwt has no exp claim")),
+        Some(exp) if exp < now - leeway => Err(Error::Unauthorized("jwt expired")),
+        _ if times.nbf.is_some_and(|nbf| nbf > now + leeway) => {
+            Err(Error::Unauthorized("jwt is not valid yet (nbf)"))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Evolution's webhook JWT: HS256, `{iat, exp, app: "evolution", action: "webhook"}`.
 fn verify_jwt(
