@@ -1,8 +1,14 @@
 //! Webhook ingest: Evolution API POSTs an event, we hand it to the hub.
 //!
 //! The hot path is [`ingest`], top to bottom: draining check → path (token, suffix) →
-//! size and type → credentials → read body (bounded) → [`Envelope`] → suffix check →
+//! size and type → credentials (what needs no instance) → read body (bounded) →
+//! [`Envelope`] → per-instance credential against the body's `instance` → suffix check →
 //! dedupe → `hub.publish` (retains, then broadcasts) → 200. This module knows nothing of sockets.
+//!
+//! An event reaches `/<instance>` only with a credential valid for that instance: the
+//! server-wide path token, that instance's JWT key or header secret ([`instance_credential`]),
+//! the master itself in the single-tenant `shared` mode, or, with no credential configured,
+//! a direct peer on the allow-list that carries no proxy header.
 //!
 //! Evolution never retries 400/401/403/404/422 and retries everything else, so each
 //! failure maps to exactly one status ([`Error::status`]):
