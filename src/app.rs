@@ -6,8 +6,9 @@
 //!   hyper's read buffer (`hub::detach_head`) → socket.io.
 //!   The check must sit outside socket.io: middleware inside it never sees its traffic.
 //! - `{webhook.path}[/...]`: `webhook::ingest` (never proxied, whatever the path).
-//! - `/_sidecar/healthz`, `/_sidecar/readyz`, `/_sidecar/inspector` (unless turned off); any
-//!   other `/_sidecar/*` is 404.
+//! - `/_sidecar/healthz`, `/_sidecar/readyz`, `/_sidecar/inspector` (unless turned off);
+//!   `/_sidecar/metrics` with the global key as a bearer token (`auth::require_global_key`),
+//!   or open on its own listener with `metrics_listen`; any other `/_sidecar/*` is 404.
 //! - everything else: `proxy::forward` to Evolution API, with no CORS added.
 
 use std::convert::Infallible;
@@ -105,7 +106,7 @@ impl App {
                 guard::check_handshake,
             ))
             .layer(axum::middleware::from_fn_with_state(
-                auth,
+                auth.clone(),
                 auth::check_handshake,
             ))
             .layer(axum::middleware::map_request(hub::detach_head))
@@ -129,7 +130,10 @@ impl App {
         let metrics_router = match config.metrics_listen {
             Some(addr) => Some((addr, metrics_routes())),
             None => {
-                sidecar = sidecar.merge(metrics_routes());
+                // The public listener: instance names and usage are the operator's.
+                sidecar = sidecar.merge(metrics_routes().layer(
+                    axum::middleware::from_fn_with_state(auth, auth::require_global_key),
+                ));
                 None
             }
         };

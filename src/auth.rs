@@ -219,6 +219,27 @@ impl Cache {
         }
     }
 
+    /// Drops one key's entry now (its queue slot frees nothing twice).
+    fn remove(&mut self, key: &str) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops every entry `doomed` picks; returns how many.
+    fn remove_where(&mut self, doomed: impl Fn(&CacheEntry) -> bool) -> usize {
+        let keys: Vec<Arc<str>> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| doomed(entry))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &keys {
+            self.remove(key);
+        }
+        keys.len()
+    }
+
     /// Counts an answer's bytes, unless its entry was evicted meanwhile.
     fn account(&mut self, entry: &CacheEntry, extra: usize) {
         if entry.bytes.load(Ordering::Relaxed) > 0 {
@@ -291,6 +312,43 @@ impl Authenticator {
             cache.account(&entry, extra);
         }
         answer
+    }
+
+    /// Who `key` is according to Evolution now, bypassing the cache (the revalidator: a
+    /// cached answer could keep a revoked token for a second TTL). A key that is no longer
+    /// valid, or whose instances changed, also leaves the cache, so its next CONNECT asks
+    /// Evolution again.
+    pub async fn resolve_fresh(&self, key: &str) -> Result<Principal, Error> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES && !self.is_global(key) {
+            return Err(Error::Invalid);
+        }
+        if self.is_global(key) {
+            return Ok(Principal::Global);
+        }
+        let answer = self.lookup(key).await;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = cache.entries.get(key).and_then(|entry| entry.answer.get());
+        let stale = match (&answer, cached) {
+            (Err(Error::Unavailable(_)), _) | (_, None) => false,
+            (Ok(fresh), Some(Ok(cached))) => fresh != cached,
+            _ => true,
+        };
+        if stale {
+            cache.remove(key);
+        }
+        answer
+    }
+
+    /// Forgets every cached answer that lists `instance`, and lookups still in flight
+    /// (their answer may predate the deletion): after an instance is deleted, the next
+    /// CONNECT of any of its tokens asks Evolution again. Returns how many went.
+    pub fn invalidate_instance(&self, instance: &InstanceName) -> usize {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove_where(|entry| match entry.answer.get() {
+            None => true,
+            Some(Ok(Principal::Instances(names))) => names.contains(instance),
+            Some(_) => false,
+        })
     }
 
     /// The cached entry for `key`, or a new one (`true`) once the budget paid for it.
@@ -416,6 +474,38 @@ pub async fn check_handshake(
             handshake_refusal(&err, websocket)
         }
     }
+}
+
+/// HTTP middleware on `/_sidecar/metrics` on the public listener: instance names and usage
+/// are for the operator, so it takes `Authorization: Bearer <global key>` (Prometheus'
+/// `authorization` scrape setting). Without a global key configured, it is always 401.
+pub async fn require_global_key(
+    State(auth): State<Arc<Authenticator>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    if presented.is_some_and(|key| auth.is_global(key)) {
+        return next.run(request).await;
+    }
+    let body = serde_json::json!({
+        "error": "metrics need `Authorization: Bearer <AUTHENTICATION_API_KEY>` on this listener, or SIDECAR_METRICS_LISTEN"
+    });
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::WWW_AUTHENTICATE, "Bearer"),
+        ],
+        Body::from(body.to_string()),
+    )
+        .into_response()
 }
 
 /// Evolution's rejection: polling gets 403 `{"code":4,...}`, a websocket upgrade 400; a

@@ -45,6 +45,8 @@ pub const ENV_WEBHOOK_JWT_SECRET: &str = "SIDECAR_WEBHOOK_JWT_SECRET";
 pub const ENV_WEBHOOK_JWT_LEEWAY_SECS: &str = "SIDECAR_WEBHOOK_JWT_LEEWAY_SECS";
 pub const ENV_WEBHOOK_SECRET: &str = "SIDECAR_WEBHOOK_SECRET";
 pub const ENV_WEBHOOK_SECRET_HEADER: &str = "SIDECAR_WEBHOOK_SECRET_HEADER";
+pub const ENV_WEBHOOK_CREDENTIALS: &str = "SIDECAR_WEBHOOK_CREDENTIALS";
+pub const ENV_TOKEN_UNVERIFIED_GRACE_SECS: &str = "SIDECAR_TOKEN_UNVERIFIED_GRACE_SECS";
 pub const ENV_WEBHOOK_PATH_TOKEN: &str = "SIDECAR_WEBHOOK_PATH_TOKEN";
 pub const ENV_WEBHOOK_ALLOWED_CIDRS: &str = "SIDECAR_WEBHOOK_ALLOWED_CIDRS";
 pub const ENV_MAX_BODY_BYTES: &str = "SIDECAR_MAX_BODY_BYTES";
@@ -121,11 +123,16 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_MAX_EMIT_BYTES, "hub.max_emit_bytes"),
     var(ENV_PING_INTERVAL_SECS, "hub.ping_interval_secs"),
     var(ENV_PING_TIMEOUT_SECS, "hub.ping_timeout_secs"),
+    var(
+        ENV_TOKEN_UNVERIFIED_GRACE_SECS,
+        "hub.token_unverified_grace_secs",
+    ),
     var(ENV_WEBHOOK_PATH, "webhook.path"),
     secret(ENV_WEBHOOK_JWT_SECRET, "webhook.jwt_secret"),
     var(ENV_WEBHOOK_JWT_LEEWAY_SECS, "webhook.jwt_leeway_secs"),
     secret(ENV_WEBHOOK_SECRET, "webhook.secret"),
     var(ENV_WEBHOOK_SECRET_HEADER, "webhook.secret_header"),
+    var(ENV_WEBHOOK_CREDENTIALS, "webhook.credentials"),
     secret(ENV_WEBHOOK_PATH_TOKEN, "webhook.path_token"),
     var(ENV_WEBHOOK_ALLOWED_CIDRS, "webhook.allowed_cidrs"),
     var(ENV_MAX_BODY_BYTES, "webhook.max_body_bytes"),

@@ -57,6 +57,9 @@ pub struct Config {
     /// dead peer, or one that stopped reading) is disconnected. Node's defaults.
     pub ping_interval_secs: u64,
     pub ping_timeout_secs: u64,
+    /// While Evolution cannot say whether a connected socket's instance token is still
+    /// valid, the socket is kept until its key has gone unverified this long.
+    pub token_unverified_grace_secs: u64,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             max_emit_bytes: 16 * 1024 * 1024,
             ping_interval_secs: 25,
             ping_timeout_secs: 20,
+            token_unverified_grace_secs: 300,
         }
     }
 }
@@ -282,6 +286,8 @@ pub struct Hub {
     /// Fingerprints delivered here only because Redis failed: if the append did land after
     /// all, the stream reader skips it instead of delivering it twice.
     local_only: Arc<Mutex<HashMap<u128, std::time::Instant>>>,
+    /// How long a token socket is kept while Evolution cannot verify its key.
+    unverified_grace: Duration,
 }
 
 /// What became of a published webhook.
@@ -352,6 +358,7 @@ impl Hub {
                 dedupe: Arc::new(Dedupe::new(dedupe_window)),
                 dedupe_window,
                 local_only: Arc::new(Mutex::new(HashMap::new())),
+                unverified_grace: Duration::from_secs(config.token_unverified_grace_secs),
             },
         ))
     }
@@ -407,23 +414,42 @@ impl Hub {
             envelope.event.as_str(),
             "instance.delete" | "remove.instance"
         ) {
-            // Delivered first (the disconnect queues behind it): the instance is gone, and
-            // so is what its tokens may see. Global-key sockets stay.
-            if let Some(operators) = self.io.of(&namespace) {
-                for socket in operators.sockets() {
-                    let token = socket
-                        .extensions
-                        .get::<Session>()
-                        .is_some_and(|session| session.principal != Principal::Global);
-                    if token {
-                        revoke(&socket, "instance deleted");
-                    }
-                }
-            }
+            self.forget_instance(&envelope.instance, &namespace).await;
         }
         if self.global_events {
             self.emit_to("/", &rooms, &upper, envelope, seq).await;
         }
+    }
+
+    /// The instance is gone, and so is what its tokens may see: the event was delivered
+    /// first (the disconnect queues behind it). Cached answers listing it go, so its tokens'
+    /// next CONNECT asks Evolution; its token sockets are disconnected (global-key sockets
+    /// stay); its retained events and state go, so whoever re-creates the name starts
+    /// empty (offsets from before read as a gap, `recovered: false`).
+    async fn forget_instance(&self, instance: &InstanceName, namespace: &str) {
+        let forgotten = self.shared.auth.invalidate_instance(instance);
+        if let Some(operators) = self.io.of(namespace) {
+            for socket in operators.sockets() {
+                let token = socket
+                    .extensions
+                    .get::<Session>()
+                    .is_some_and(|session| session.principal != Principal::Global);
+                if token {
+                    revoke(&socket, "instance deleted");
+                }
+            }
+        }
+        let log = self.shared.replay.log(namespace);
+        {
+            let _gate = log.gate.lock().await;
+            log.forget();
+        }
+        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
+        tracing::info!(
+            instance = %instance,
+            cached_keys = forgotten,
+            "instance deleted: retained events and cached keys forgotten"
+        );
     }
 
     /// Retains the event in `namespace`'s log, then broadcasts it to the rooms of sockets
@@ -530,39 +556,85 @@ impl Hub {
         }))
     }
 
-    /// Re-checks, every `period`, the key of each socket that joined with an instance token
-    /// (the cache asks the upstream again once its entry expired), and disconnects the ones
-    /// the upstream no longer accepts for their namespace: a rotated or deleted token. An
-    /// unreachable upstream revokes nothing. Runs until aborted.
+    /// Re-checks with Evolution, every `period` (the token TTL), the key of each socket that
+    /// joined with an instance token, bypassing the cache, and disconnects the ones no
+    /// longer accepted for their namespace: a rotated or deleted token goes within one
+    /// period. Each distinct key is asked once per round, a few at a time. While Evolution
+    /// cannot answer, a socket is kept until its key has gone unverified for
+    /// `token_unverified_grace_secs`. Runs until aborted.
     pub fn spawn_revalidator(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        use futures_util::StreamExt as _;
         let hub = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period.max(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
+            // Key → when Evolution last accepted it; only keys of connected sockets.
+            let mut verified: HashMap<String, std::time::Instant> = HashMap::new();
             loop {
-                tick.tick().await;
-                for socket in hub.io.nsps().into_iter().flat_map(|ns| ns.sockets()) {
-                    let Some(session) = socket.extensions.get::<Session>() else {
-                        continue;
-                    };
-                    if session.principal == Principal::Global {
-                        continue;
-                    }
-                    let still = match hub
-                        .shared
-                        .auth
-                        .resolve(session.key.expose(), &auth::Unmetered)
-                        .await
-                    {
-                        Ok(principal) => principal.may_join(socket.ns()),
-                        Err(auth::Error::Invalid) => false,
-                        Err(auth::Error::Unavailable(_) | auth::Error::RateLimited) => true,
+                // The tick's own instant: rounds are exactly `period` apart, so the grace
+                // comparison below does not depend on how long the lookups took.
+                let now = tick.tick().await.into_std();
+                let sockets: Vec<(SocketRef, Session)> = hub
+                    .io
+                    .nsps()
+                    .into_iter()
+                    .flat_map(|ns| ns.sockets())
+                    .filter_map(|socket| {
+                        let session = socket.extensions.get::<Session>()?;
+                        (session.principal != Principal::Global).then_some((socket, session))
+                    })
+                    .collect();
+                let keys: HashSet<String> = sockets
+                    .iter()
+                    .map(|(_, session)| session.key.expose().to_owned())
+                    .collect();
+                let auth = hub.shared.auth.clone();
+                let answers: HashMap<String, Result<Principal, auth::Error>> =
+                    futures_util::stream::iter(keys)
+                        .map(|key| {
+                            let auth = auth.clone();
+                            async move {
+                                let answer = auth.resolve_fresh(&key).await;
+                                (key, answer)
+                            }
+                        })
+                        .buffer_unordered(REVALIDATE_CONCURRENCY)
+                        .collect()
+                        .await;
+                verified.retain(|key, _| answers.contains_key(key));
+                let mut unverified = 0usize;
+                for (socket, session) in &sockets {
+                    let key = session.key.expose();
+                    let still = match answers.get(key) {
+                        Some(Ok(principal)) => {
+                            verified.insert(key.to_owned(), now);
+                            principal.may_join(socket.ns())
+                        }
+                        Some(Err(auth::Error::Invalid)) => false,
+                        Some(Err(auth::Error::Unavailable(_) | auth::Error::RateLimited)) | None => {
+                            // First seen unverified: it was verified when it connected,
+                            // at most one round ago.
+                            let since = *verified.entry(key.to_owned()).or_insert(now);
+                            if now.duration_since(since) + period < hub.unverified_grace {
+                                unverified += 1;
+                                true
+                            } else {
+                                revoke(socket, "token unverifiable upstream");
+                                continue;
+                            }
+                        }
                     };
                     if !still {
-                        revoke(&socket, "token no longer accepted upstream");
+                        revoke(socket, "token no longer accepted upstream");
                     }
                 }
+                let failures = answers
+                    .values()
+                    .filter(|answer| matches!(answer, Err(auth::Error::Unavailable(_))))
+                    .count();
+                metrics::counter!(names::REVALIDATION_FAILURES).increment(failures as u64);
+                metrics::gauge!(names::UNVERIFIED_SOCKETS).set(unverified as f64);
             }
         })
     }
@@ -1063,6 +1135,9 @@ fn parse_filter(
     }
     Ok(filter)
 }
+
+/// Token lookups the revalidator has in flight at once.
+const REVALIDATE_CONCURRENCY: usize = 16;
 
 /// How long a locally delivered fingerprint is remembered against a late stream entry.
 const LOCAL_ONLY_MEMORY: Duration = Duration::from_secs(3600);

@@ -54,6 +54,12 @@ enum Command {
     CheckConfig,
     /// Probe the local /_sidecar/readyz (for Docker's HEALTHCHECK); exit 0 when ready
     Healthcheck,
+    /// Print the webhook headers (per-instance credentials) for one instance, as JSON for
+    /// the `headers` of Evolution's `POST /webhook/set/{instance}`
+    WebhookCredential {
+        /// The instance name, exactly as Evolution spells it
+        instance: String,
+    },
 }
 
 impl Cli {
@@ -96,6 +102,18 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config),
         Command::Healthcheck => healthcheck(&config),
+        Command::WebhookCredential { instance } => {
+            match evo_realtime::webhook::instance_headers(&config.webhook, &instance) {
+                Ok(headers) => {
+                    println!("{headers}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("evo-realtime: {err}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
     }
 }
 

@@ -315,6 +315,22 @@ impl NamespaceLog {
         }
     }
 
+    /// Drops every retained event and the state (a deleted instance), keeping the head:
+    /// offsets from before read as a gap (`recovered: false`) with nothing to replay, and
+    /// numbers keep growing. Callers hold [`NamespaceLog::gate`].
+    pub fn forget(&self) {
+        let Some(store) = self.store.upgrade() else {
+            return;
+        };
+        let mut inner = self.lock();
+        while !inner.entries.is_empty() {
+            store.pop_front(&mut inner);
+        }
+        inner.evicted_through = inner.head;
+        inner.last_connection_update = None;
+        inner.last_qrcode = None;
+    }
+
     /// The newest sequence number (0 when nothing was ever appended).
     pub fn head(&self) -> u64 {
         *self.head.borrow()

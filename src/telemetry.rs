@@ -203,6 +203,8 @@ pub mod names {
     pub const TCP_CONNECTIONS: &str = "evo_tcp_connections";
     pub const TCP_REFUSED: &str = "evo_tcp_connections_refused_total";
     pub const ACCEPT_ERRORS: &str = "evo_accept_errors_total";
+    pub const REVALIDATION_FAILURES: &str = "evo_token_revalidation_failures_total";
+    pub const UNVERIFIED_SOCKETS: &str = "evo_token_sockets_unverified";
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

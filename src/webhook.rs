@@ -1,8 +1,14 @@
 //! Webhook ingest: Evolution API POSTs an event, we hand it to the hub.
 //!
 //! The hot path is [`ingest`], top to bottom: draining check → path (token, suffix) →
-//! size and type → credentials → read body (bounded) → [`Envelope`] → suffix check →
+//! size and type → credentials (what needs no instance) → read body (bounded) →
+//! [`Envelope`] → per-instance credential against the body's `instance` → suffix check →
 //! dedupe → `hub.publish` (retains, then broadcasts) → 200. This module knows nothing of sockets.
+//!
+//! An event reaches `/<instance>` only with a credential valid for that instance: the
+//! server-wide path token, that instance's JWT key or header secret ([`instance_credential`]),
+//! the master itself in the single-tenant `shared` mode, or, with no credential configured,
+//! a direct peer on the allow-list that carries no proxy header.
 //!
 //! Evolution never retries 400/401/403/404/422 and retries everything else, so each
 //! failure maps to exactly one status ([`Error::status`]):
@@ -14,7 +20,9 @@
 //! | `TooLarge`              | 413    |
 //! | `UnsupportedMediaType`  | 415    |
 //! | `Unauthorized`          | 401    |
+//! | `WrongInstance`         | 401    |
 //! | `Forbidden`             | 403    |
+//! | `Proxied`               | 403    |
 //! | `ReadTimeout`           | 408    |
 //! | `Envelope(Syntax)`      | 400    |
 //! | `Envelope(Semantic)`    | 422    |
@@ -44,7 +52,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{self, Secret, comma_list};
 use crate::dedupe;
-use crate::envelope::{self, Envelope};
+use crate::envelope::{self, Envelope, InstanceName};
 use crate::hub::{Hub, Published};
 use crate::telemetry::{self, names};
 
@@ -54,13 +62,18 @@ use crate::telemetry::{self, names};
 pub struct Config {
     /// Where Evolution POSTs: `{path}[/{path_token}][/{event-suffix}]`.
     pub path: String,
-    /// The `jwt_key` put in Evolution's per-instance webhook headers (HS256).
+    /// The master secret of webhook JWTs (HS256). Per instance (the default), the `jwt_key`
+    /// in an instance's webhook headers is [`instance_credential`] of it; shared, it is
+    /// this value itself.
     pub jwt_secret: Option<Secret>,
     /// Evolution signs once per event and reuses the token over ~20 minutes of retries.
     pub jwt_leeway_secs: u64,
-    /// A static secret expected in `secret_header`.
+    /// The master secret of the static header credential expected in `secret_header`,
+    /// derived per instance like `jwt_secret`.
     pub secret: Option<Secret>,
     pub secret_header: String,
+    /// Whether the JWT and header credentials are bound to one instance each.
+    pub credentials: CredentialMode,
     /// A secret path segment: the only credential Evolution's global webhook can carry.
     pub path_token: Option<Secret>,
     /// Peers accepted when no credential is configured at all.
@@ -83,8 +96,10 @@ impl Default for Config {
             jwt_leeway_secs: 1200,
             secret: None,
             secret_header: "x-webhook-secret".to_owned(),
+            credentials: CredentialMode::PerInstance,
             path_token: None,
-            allowed_cidrs: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+            // 127.0.0.1 only: Istio's inbound sidecar connects from 127.0.0.6.
+            allowed_cidrs: vec!["127.0.0.1/32".to_owned(), "::1/128".to_owned()],
             max_body_bytes: 64 * 1024 * 1024,
             read_timeout_secs: 30,
             dedupe_window_secs: 1200,
@@ -175,6 +190,87 @@ impl Config {
     }
 }
 
+/// How the JWT and static header credentials relate to instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialMode {
+    /// Each instance has its own credential, derived from the master secret: whoever can
+    /// read one instance's webhook headers can post events for that instance only.
+    PerInstance,
+    /// The master secret is every instance's credential (one tenant only: any instance
+    /// owner can read it back from Evolution and post as any other instance).
+    Shared,
+}
+
+/// The webhook credential of `instance`: lowercase hex of HMAC-SHA256(master, instance),
+/// so `printf %s NAME | openssl dgst -sha256 -hmac MASTER` gives it too.
+pub fn instance_credential(master: &Secret, instance: &InstanceName) -> String {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, master.expose().as_bytes());
+    let tag = hmac::sign(&key, instance.as_str().as_bytes());
+    tag.as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// The headers to put into `instance`'s webhook (`jwt_key`, the header secret), as a JSON
+/// object: what `evo-realtime webhook-credential <instance>` prints.
+pub fn instance_headers(
+    config: &Config,
+    instance: &str,
+) -> Result<serde_json::Value, config::Error> {
+    let instance = InstanceName::parse(instance)
+        .map_err(|err| config::Error::new(format!("instance {instance:?} is not valid: {err}")))?;
+    if config.credentials == CredentialMode::Shared {
+        return Err(config::invalid(
+            "webhook.credentials",
+            &"shared",
+            "every instance uses the master secrets themselves; per-instance credentials need \"per-instance\"",
+        ));
+    }
+    let mut headers = serde_json::Map::new();
+    if let Some(master) = &config.jwt_secret {
+        headers.insert(
+            "jwt_key".into(),
+            instance_credential(master, &instance).into(),
+        );
+    }
+    if let Some(master) = &config.secret {
+        headers.insert(
+            config.secret_header.clone(),
+            instance_credential(master, &instance).into(),
+        );
+    }
+    if headers.is_empty() {
+        return Err(config::Error::new(
+            "no webhook master secret configured: set SIDECAR_WEBHOOK_JWT_SECRET or SIDECAR_WEBHOOK_SECRET",
+        ));
+    }
+    Ok(serde_json::Value::Object(headers))
+}
+
+/// Headers a proxy or a service mesh adds. In the peer mode (no credential), a request
+/// carrying one came through something on an allowed address, not from Evolution itself.
+const PROXY_HEADERS: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+];
+const PROXY_HEADER_PREFIXES: &[&str] = &["x-forwarded-", "x-envoy-", "x-b3-", "x-istio-"];
+
+fn proxy_header(headers: &HeaderMap) -> Option<&str> {
+    headers.keys().map(http::HeaderName::as_str).find(|name| {
+        PROXY_HEADERS.contains(name)
+            || PROXY_HEADER_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+    })
+}
+
 /// Why a webhook was refused. Messages are lower-case and say what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -190,6 +286,15 @@ pub enum Error {
     Unauthorized(&'static str),
     #[error("peer {0} is not in SIDECAR_WEBHOOK_ALLOWED_CIDRS")]
     Forbidden(IpAddr),
+    #[error(
+        "request carries proxy header {0:?}: without a webhook credential only direct peers are accepted; configure a credential"
+    )]
+    Proxied(String),
+    #[error("{reason} for instance {instance:?}")]
+    WrongInstance {
+        instance: String,
+        reason: &'static str,
+    },
     #[error("body did not arrive within {0} seconds")]
     ReadTimeout(u64),
     #[error("could not read body: {0}")]
@@ -216,8 +321,8 @@ impl Error {
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Unauthorized(_) | Error::WrongInstance { .. } => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) | Error::Proxied(_) => StatusCode::FORBIDDEN,
             Error::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::BodyCut(_) | Error::Envelope(envelope::Error::Syntax(_)) => {
                 StatusCode::BAD_REQUEST
@@ -245,7 +350,10 @@ impl IntoResponse for Error {
 pub struct Webhook {
     config: Config,
     cidrs: Vec<IpNet>,
-    jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+    /// The JWT rules; the key is the master secret's, or derived per instance.
+    jwt: Option<jsonwebtoken::Validation>,
+    /// Set once the master secret itself was presented per instance (logged once).
+    upgrade_warned: AtomicBool,
     hub: Hub,
     draining: Arc<AtomicBool>,
 }
@@ -257,24 +365,22 @@ impl Webhook {
         draining: Arc<AtomicBool>,
     ) -> Result<Self, config::Error> {
         config.validate()?;
-        let jwt = config.jwt_secret.as_ref().map(|secret| {
-            let key = jsonwebtoken::DecodingKey::from_secret(secret.expose().as_bytes());
+        let jwt = config.jwt_secret.as_ref().map(|_| {
             let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+            // One leeway for both: Evolution reuses a token across retries (exp), and
+            // clocks differ (nbf).
             validation.leeway = config.jwt_leeway_secs;
             validation.validate_exp = true;
+            validation.validate_nbf = true;
             validation.set_required_spec_claims(&["exp"]);
-            (key, validation)
+            validation
         });
-        if !config.has_credentials() {
-            tracing::warn!(
-                allowed_cidrs = %config.allowed_cidrs.join(","),
-                "no webhook credential configured: accepting webhooks from these peers only"
-            );
-        }
+        announce(config);
         Ok(Self {
             cidrs: config.cidrs()?,
             config: config.clone(),
             jwt,
+            upgrade_warned: AtomicBool::new(false),
             hub,
             draining,
         })
@@ -282,6 +388,46 @@ impl Webhook {
 
     pub fn path(&self) -> &str {
         &self.config.path
+    }
+}
+
+/// Says at start what the ingest endpoint accepts, and warns about the weak modes.
+fn announce(config: &Config) {
+    if !config.has_credentials() {
+        tracing::warn!(
+            allowed_cidrs = %config.allowed_cidrs.join(","),
+            "no webhook credential configured: accepting webhooks only from these peers, \
+             and only without proxy headers (Forwarded, X-Forwarded-*, Via, X-Real-IP, \
+             X-Envoy-*); configure a credential before exposing the port"
+        );
+        return;
+    }
+    let mut accepted = Vec::new();
+    if config.path_token.is_some() {
+        accepted.push("path token (any instance)");
+    }
+    let shared = config.credentials == CredentialMode::Shared;
+    if config.jwt_secret.is_some() {
+        accepted.push(if shared {
+            "JWT (shared, any instance)"
+        } else {
+            "JWT (per instance)"
+        });
+    }
+    if config.secret.is_some() {
+        accepted.push(if shared {
+            "header secret (shared, any instance)"
+        } else {
+            "header secret (per instance)"
+        });
+    }
+    tracing::info!(credentials = %accepted.join(", "), "webhooks accepted with");
+    if shared && (config.jwt_secret.is_some() || config.secret.is_some()) {
+        tracing::warn!(
+            "SIDECAR_WEBHOOK_CREDENTIALS=shared: one webhook credential for every instance; \
+             any instance owner can read it back from Evolution (GET /webhook/find/<instance>) \
+             and post events as any other instance. Use it with a single tenant only"
+        );
     }
 }
 
@@ -316,8 +462,8 @@ async fn accept(
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(webhook.config.read_timeout_secs);
     let drain_limit = webhook.config.max_body_bytes.saturating_mul(DRAIN_FACTOR);
-    let route = match check_before_body(webhook, &request) {
-        Ok(route) => route,
+    let (route, admission) = match check_before_body(webhook, &request) {
+        Ok(checked) => checked,
         Err(err) => {
             drain(request, drain_limit, deadline).await;
             return Err(err);
@@ -330,6 +476,8 @@ async fn accept(
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
     *event_label = telemetry::event_label(envelope.event.as_str());
+    // Stage 6b: a per-instance credential must be the body's instance's.
+    admission.check(webhook, &envelope.instance)?;
     if let Some(suffix) = &route.suffix {
         let expected = envelope.event.kebab();
         if *suffix != expected {
@@ -364,7 +512,10 @@ async fn accept(
 }
 
 /// Stages 1 to 4, decided from the request head alone.
-fn check_before_body(webhook: &Webhook, request: &Request) -> Result<WebhookPath, Error> {
+fn check_before_body(
+    webhook: &Webhook,
+    request: &Request,
+) -> Result<(WebhookPath, Admission), Error> {
     // Stage 1: while draining, Evolution must retry elsewhere.
     if webhook.draining.load(Ordering::Relaxed) {
         return Err(Error::Draining);
@@ -380,8 +531,8 @@ fn check_before_body(webhook: &Webhook, request: &Request) -> Result<WebhookPath
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
-    authenticate(webhook, &route, request.headers(), peer)?;
-    Ok(route)
+    let admission = authenticate(webhook, &route, request.headers(), peer)?;
+    Ok((route, admission))
 }
 
 /// A refused body is read and discarded up to this many times `max_body_bytes`: enough
@@ -492,47 +643,179 @@ fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// What the credentials seen before the body allow. A per-instance credential can only
+/// be judged once the body names its instance ([`Admission::check`]).
+enum Admission {
+    /// The path token, a shared credential or an allowed peer: any instance.
+    AnyInstance,
+    /// Header credentials, to be checked against the body's instance.
+    PerInstance {
+        secret: Option<http::HeaderValue>,
+        jwt: Option<String>,
+    },
+}
+
 fn authenticate(
     webhook: &Webhook,
     route: &WebhookPath,
     headers: &HeaderMap,
     peer: Option<IpAddr>,
-) -> Result<(), Error> {
+) -> Result<Admission, Error> {
     let config = &webhook.config;
     if route.token_wrong {
         return Err(Error::Unauthorized("invalid path token"));
     }
     if !config.has_credentials() {
+        // Behind a same-host proxy or a mesh sidecar, the peer is the proxy: everyone.
+        if let Some(name) = proxy_header(headers) {
+            return Err(Error::Proxied(name.to_owned()));
+        }
         return match peer {
-            Some(ip) if webhook.cidrs.iter().any(|net| net.contains(&ip)) => Ok(()),
+            Some(ip) if webhook.cidrs.iter().any(|net| net.contains(&ip)) => {
+                Ok(Admission::AnyInstance)
+            }
             Some(ip) => Err(Error::Forbidden(ip)),
             // In-process callers (tests through `oneshot`) have no peer address.
-            None => Ok(()),
+            None => Ok(Admission::AnyInstance),
         };
     }
     if route.token_matched {
-        return Ok(());
+        return Ok(Admission::AnyInstance);
     }
-    if let Some(expected) = &config.secret
-        && let Some(given) = headers.get(config.secret_header.as_str())
+    let secret = config
+        .secret
+        .as_ref()
+        .and_then(|_| headers.get(config.secret_header.as_str()))
+        .cloned();
+    let jwt = webhook
+        .jwt
+        .as_ref()
+        .and_then(|_| bearer(headers))
+        .map(str::to_owned);
+    if secret.is_none() && jwt.is_none() {
+        return Err(Error::Unauthorized(
+            "missing or invalid webhook credentials",
+        ));
+    }
+    if config.credentials == CredentialMode::PerInstance {
+        // The key depends on the body's instance, but the rest of the token does not: an
+        // expired, immature or malformed JWT is refused before its body is read.
+        if let (None, Some(validation), Some(token)) = (&secret, &webhook.jwt, &jwt) {
+            precheck_jwt(token, validation)?;
+        }
+        return Ok(Admission::PerInstance { secret, jwt });
+    }
+    if let (Some(expected), Some(given)) = (&config.secret, &secret)
         && bool::from(expected.expose().as_bytes().ct_eq(given.as_bytes()))
     {
-        return Ok(());
+        return Ok(Admission::AnyInstance);
     }
-    if let Some((key, validation)) = &webhook.jwt
-        && let Some(token) = bearer(headers)
+    if let (Some(master), Some(validation), Some(token)) = (&config.jwt_secret, &webhook.jwt, &jwt)
     {
-        return verify_jwt(token, key, validation);
+        let key = jsonwebtoken::DecodingKey::from_secret(master.expose().as_bytes());
+        return verify_jwt(token, &key, validation).map(|()| Admission::AnyInstance);
     }
     Err(Error::Unauthorized(
         "missing or invalid webhook credentials",
     ))
 }
 
+/// How to fix a webhook that presents the master secret where an instance's own
+/// credential belongs (a deployment from before per-instance credentials).
+const UPGRADE_HINT: &str = "is the master secret, not this instance's credential: put the output \
+     of `evo-realtime webhook-credential <instance>` into the instance's webhook headers, or set \
+     SIDECAR_WEBHOOK_CREDENTIALS=shared for a single tenant";
+
+impl Admission {
+    /// Whether the credentials are valid for `instance`.
+    fn check(self, webhook: &Webhook, instance: &InstanceName) -> Result<(), Error> {
+        let Admission::PerInstance { secret, jwt } = self else {
+            return Ok(());
+        };
+        let config = &webhook.config;
+        let wrong = |reason: &'static str| Error::WrongInstance {
+            instance: instance.as_str().to_owned(),
+            reason,
+        };
+        if let (Some(master), Some(given)) = (&config.secret, &secret) {
+            let expected = instance_credential(master, instance);
+            if bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
+                return Ok(());
+            }
+            if jwt.is_none() {
+                if bool::from(master.expose().as_bytes().ct_eq(given.as_bytes())) {
+                    webhook.warn_upgrade();
+                    return Err(wrong(
+                        "header secret is the master secret itself, not this instance's credential (see `evo-realtime webhook-credential`)",
+                    ));
+                }
+                return Err(wrong("header secret is not this instance's credential"));
+            }
+        }
+        let (Some(master), Some(validation), Some(token)) =
+            (&config.jwt_secret, &webhook.jwt, &jwt)
+        else {
+            return Err(wrong("header secret is not this instance's credential"));
+        };
+        let derived = instance_credential(master, instance);
+        let key = jsonwebtoken::DecodingKey::from_secret(derived.as_bytes());
+        match verify_jwt(token, &key, validation) {
+            Err(Error::Unauthorized(SIGNATURE_INVALID)) => {
+                let legacy = jsonwebtoken::DecodingKey::from_secret(master.expose().as_bytes());
+                if verify_jwt(token, &legacy, validation).is_ok() {
+                    webhook.warn_upgrade();
+                    return Err(wrong(
+                        "jwt is signed with the master secret itself, not this instance's credential (see `evo-realtime webhook-credential`)",
+                    ));
+                }
+                Err(wrong("jwt signature is not this instance's credential"))
+            }
+            other => other,
+        }
+    }
+}
+
+impl Webhook {
+    fn warn_upgrade(&self) {
+        if !self.upgrade_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!("a webhook's credential {UPGRADE_HINT}");
+        }
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+const SIGNATURE_INVALID: &str = "jwt signature is invalid";
+
+/// What can be judged of a JWT without its key: the algorithm, `exp` and `nbf` (with the
+/// leeway). Not a verification: [`verify_jwt`] still runs with the instance's key.
+fn precheck_jwt(token: &str, validation: &jsonwebtoken::Validation) -> Result<(), Error> {
+    #[derive(Deserialize)]
+    struct Times {
+        exp: Option<f64>,
+        nbf: Option<f64>,
+    }
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| Error::Unauthorized("jwt is invalid"))?;
+    if !validation.algorithms.contains(&header.alg) {
+        return Err(Error::Unauthorized("jwt algorithm must be HS256"));
+    }
+    let times: Times = jsonwebtoken::dangerous::insecure_decode_claims(token)
+        .map_err(|_| Error::Unauthorized("jwt is invalid"))?;
+    let now = jsonwebtoken::get_current_timestamp() as f64;
+    let leeway = validation.leeway as f64;
+    match times.exp {
+        None => Err(Error::Unauthorized("jwt has no exp claim")),
+        Some(exp) if exp < now - leeway => Err(Error::Unauthorized("jwt expired")),
+        _ if times.nbf.is_some_and(|nbf| nbf > now + leeway) => {
+            Err(Error::Unauthorized("jwt is not valid yet (nbf)"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Evolution's webhook JWT: HS256, `{iat, exp, app: "evolution", action: "webhook"}`.
@@ -550,7 +833,8 @@ fn verify_jwt(
         use jsonwebtoken::errors::ErrorKind;
         match err.kind() {
             ErrorKind::ExpiredSignature => Error::Unauthorized("jwt expired"),
-            ErrorKind::InvalidSignature => Error::Unauthorized("jwt signature is invalid"),
+            ErrorKind::InvalidSignature => Error::Unauthorized(SIGNATURE_INVALID),
+            ErrorKind::ImmatureSignature => Error::Unauthorized("jwt is not valid yet (nbf)"),
             ErrorKind::MissingRequiredClaim(_) => Error::Unauthorized("jwt has no exp claim"),
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 Error::Unauthorized("jwt algorithm must be HS256")
@@ -623,6 +907,40 @@ mod tests {
         assert!(wrong.token_wrong);
         assert!(parse(None, "/_sidecar/webhooks").is_err());
         assert!(parse(None, "/_sidecar/webhook/a/b/c").is_err());
+    }
+
+    #[test]
+    fn instance_credentials_are_the_documented_hmac() {
+        // `printf %s acme | openssl dgst -sha256 -hmac jwt-master`, as the README says.
+        let master = Secret::new("jwt-master");
+        let acme = InstanceName::parse("acme").unwrap();
+        assert_eq!(
+            instance_credential(&master, &acme),
+            "f2f8739ec12d9a065ad037a67a466a37033645c0767ae27903b7328fd335b11d"
+        );
+        let other = InstanceName::parse("other").unwrap();
+        assert_ne!(
+            instance_credential(&master, &other),
+            instance_credential(&master, &acme)
+        );
+    }
+
+    #[test]
+    fn proxy_headers_are_recognized() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("x-request-id", "1".parse().unwrap());
+        assert_eq!(proxy_header(&headers), None);
+        for name in [
+            "x-forwarded-for",
+            "forwarded",
+            "via",
+            "x-envoy-attempt-count",
+        ] {
+            let mut proxied = headers.clone();
+            proxied.insert(http::HeaderName::from_static(name), "x".parse().unwrap());
+            assert_eq!(proxy_header(&proxied), Some(name));
+        }
     }
 
     #[test]

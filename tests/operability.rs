@@ -20,6 +20,17 @@ async fn get(url: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+/// A scrape of the public listener's metrics, which take the global key as a bearer token.
+async fn scrape_metrics(url: &str) -> (u16, String) {
+    let response = http()
+        .get(url)
+        .header("authorization", format!("Bearer {GLOBAL_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
 /// Polls `check` until it holds, with bounded patience.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -118,7 +129,7 @@ async fn accepted_connections_have_tcp_nodelay() {
 async fn metrics_change_with_traffic() {
     let evolution = FakeEvolution::start().await;
     let app = spawn_app(test_config(&evolution.url())).await;
-    let scrape = || async { get(&app.url("/_sidecar/metrics")).await.1 };
+    let scrape = || async { scrape_metrics(&app.url("/_sidecar/metrics")).await.1 };
     let mut js = JsDriver::start().await;
     js.connect(
         "m",
@@ -197,7 +208,9 @@ async fn metrics_move_to_their_own_listener() {
         let _ = rx.await;
     }));
     assert_eq!(
-        get(&format!("http://{public}/_sidecar/metrics")).await.0,
+        scrape_metrics(&format!("http://{public}/_sidecar/metrics"))
+            .await
+            .0,
         404
     );
     let (status, body) = get(&format!("http://{free}/_sidecar/metrics")).await;
@@ -370,7 +383,7 @@ async fn json_logs_carry_no_secret() {
     .await;
     js.emit_ack("t", "message/sendText", vec![json!({"number": "1"})])
         .await;
-    let jwt = evolution_jwt(jwt_secret, 0);
+    let jwt = evolution_jwt(&webhook_credential(jwt_secret, "acme"), 0);
     let response = http()
         .post(binary.url("/_sidecar/webhook"))
         .header("authorization", format!("Bearer {jwt}"))
@@ -408,6 +421,10 @@ async fn json_logs_carry_no_secret() {
         "one line per webhook at debug"
     );
     assert!(logs.contains("request_id"), "lines carry request ids");
+    assert!(
+        logs.contains("webhooks accepted with") && logs.contains("JWT (per instance)"),
+        "the start says what webhooks it accepts"
+    );
     for secret in [
         GLOBAL_KEY,
         ACME_TOKEN,
@@ -420,6 +437,46 @@ async fn json_logs_carry_no_secret() {
             !logs.contains(secret),
             "a secret reached the logs: {secret}"
         );
+    }
+}
+
+#[test]
+fn webhook_credential_prints_an_instances_headers() {
+    let run = |instance: &str, envs: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(BINARY);
+        command.args(["webhook-credential", instance]).env_clear();
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        command.output().unwrap()
+    };
+    let masters = [
+        ("SIDECAR_WEBHOOK_JWT_SECRET", "jwt-master"),
+        ("SIDECAR_WEBHOOK_SECRET", "header-master"),
+    ];
+    let output = run("acme", &masters);
+    assert!(output.status.success(), "{output:?}");
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        printed,
+        json!({
+            "jwt_key": webhook_credential("jwt-master", "acme"),
+            "x-webhook-secret": webhook_credential("header-master", "acme"),
+        })
+    );
+    let other: Value = serde_json::from_slice(&run("other", &masters).stdout).unwrap();
+    assert_ne!(
+        other["jwt_key"], printed["jwt_key"],
+        "one credential per instance"
+    );
+    // Without a master secret, or in the shared mode, there is nothing per instance to print.
+    for envs in [
+        vec![],
+        vec![masters[0], ("SIDECAR_WEBHOOK_CREDENTIALS", "shared")],
+    ] {
+        let output = run("acme", &envs);
+        assert_eq!(output.status.code(), Some(64), "{envs:?}");
+        assert!(output.stdout.is_empty());
     }
 }
 

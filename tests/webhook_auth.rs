@@ -1,4 +1,5 @@
-//! Who may POST webhooks: Evolution's JWT, a static header, a path token, or the peer allow-list.
+//! Who may POST webhooks: Evolution's JWT, a static header (each per instance by default,
+//! or shared), a path token, or the peer allow-list.
 
 mod common;
 
@@ -23,6 +24,11 @@ async fn post(url: &str, headers: &[(&str, String)]) -> (u16, Value) {
 
 type Headers = Vec<(&'static str, String)>;
 
+/// Instance acme's credential under a master secret (the bodies here are acme's).
+fn acme(master: &str) -> String {
+    webhook_credential(master, "acme")
+}
+
 fn bearer(token: String) -> Headers {
     vec![("authorization", format!("Bearer {token}"))]
 }
@@ -43,17 +49,22 @@ async fn jwt_as_evolution_signs_it() {
 
     // (what, headers, status, error contains)
     let cases: Vec<(&str, Headers, u16, &str)> = vec![
-        ("fresh token", bearer(evolution_jwt(JWT_SECRET, 0)), 200, ""),
+        (
+            "fresh token",
+            bearer(evolution_jwt(&acme(JWT_SECRET), 0)),
+            200,
+            "",
+        ),
         // Evolution's retries reuse one token for ~20 minutes: exp (iat+600) passed 5 minutes ago.
         (
             "retried within the leeway",
-            bearer(evolution_jwt(JWT_SECRET, 900)),
+            bearer(evolution_jwt(&acme(JWT_SECRET), 900)),
             200,
             "",
         ),
         (
             "expired beyond the leeway",
-            bearer(evolution_jwt(JWT_SECRET, 600 + 1200 + 60)),
+            bearer(evolution_jwt(&acme(JWT_SECRET), 600 + 1200 + 60)),
             401,
             "expired",
         ),
@@ -66,7 +77,7 @@ async fn jwt_as_evolution_signs_it() {
         (
             "wrong claims",
             bearer(sign_jwt(
-                JWT_SECRET,
+                &acme(JWT_SECRET),
                 &json!({"iat": now(), "exp": now() + 600, "app": "other", "action": "webhook"}),
             )),
             401,
@@ -75,7 +86,7 @@ async fn jwt_as_evolution_signs_it() {
         (
             "no exp",
             bearer(sign_jwt(
-                JWT_SECRET,
+                &acme(JWT_SECRET),
                 &json!({"iat": now(), "app": "evolution", "action": "webhook"}),
             )),
             401,
@@ -110,7 +121,7 @@ async fn static_header_secret() {
     let app = spawn_app(config).await;
     let url = app.webhook_url();
     assert_eq!(
-        post(&url, &[("x-webhook-secret", "s3cret-header".into())])
+        post(&url, &[("x-webhook-secret", acme("s3cret-header"))])
             .await
             .0,
         200
@@ -122,7 +133,7 @@ async fn static_header_secret() {
         401
     );
     assert_eq!(
-        post(&url, &[("x-other", "s3cret-header".into())]).await.0,
+        post(&url, &[("x-other", acme("s3cret-header"))]).await.0,
         401
     );
     assert_eq!(post(&url, &[]).await.0, 401);
@@ -138,20 +149,22 @@ async fn one_valid_credential_suffices() {
     let app = spawn_app(config).await;
     let url = app.webhook_url();
     assert_eq!(
-        post(&url, &[("x-webhook-secret", "s3cret-header".into())])
+        post(&url, &[("x-webhook-secret", acme("s3cret-header"))])
             .await
             .0,
         200
     );
     assert_eq!(
-        post(&url, &bearer(evolution_jwt(JWT_SECRET, 0))).await.0,
+        post(&url, &bearer(evolution_jwt(&acme(JWT_SECRET), 0)))
+            .await
+            .0,
         200
     );
     assert_eq!(post(&format!("{url}/tok"), &[]).await.0, 200);
     assert_eq!(
         post(
             &format!("{url}/bad/messages-upsert"),
-            &[("x-webhook-secret", "s3cret-header".into())]
+            &[("x-webhook-secret", acme("s3cret-header"))]
         )
         .await
         .0,
@@ -198,4 +211,60 @@ async fn without_credentials_only_allowed_peers() {
         body["error"].as_str().unwrap().contains("127.0.0.1"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn the_shared_single_tenant_mode_accepts_the_master_secret_for_any_instance() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.secret = Some(Secret::new("s3cret-header"));
+    config.webhook.jwt_secret = Some(Secret::new(JWT_SECRET));
+    config.webhook.credentials = evo_realtime::webhook::CredentialMode::Shared;
+    let app = spawn_app(config).await;
+    let url = app.webhook_url();
+    // Upgrading with SIDECAR_WEBHOOK_CREDENTIALS=shared keeps the old headers working.
+    assert_eq!(
+        post(&url, &[("x-webhook-secret", "s3cret-header".into())])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post(&url, &bearer(evolution_jwt(JWT_SECRET, 0))).await.0,
+        200
+    );
+    // Control: a wrong secret is still refused, and a derived one is not the shared one.
+    assert_eq!(
+        post(&url, &[("x-webhook-secret", acme("s3cret-header"))])
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        post(&url, &bearer(evolution_jwt("another", 0))).await.0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn the_master_secret_is_refused_per_instance_with_a_hint() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.webhook.jwt_secret = Some(Secret::new(JWT_SECRET));
+    let app = spawn_app(config).await;
+    // A deployment from before per-instance credentials: Evolution signs with the master.
+    let (status, body) = post(&app.webhook_url(), &bearer(evolution_jwt(JWT_SECRET, 0))).await;
+    assert_eq!(status, 401);
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("master secret") && message.contains("webhook-credential"),
+        "{message}"
+    );
+    // Control: acme's own credential is accepted.
+    let (status, body) = post(
+        &app.webhook_url(),
+        &bearer(evolution_jwt(&acme(JWT_SECRET), 0)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }

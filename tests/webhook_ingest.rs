@@ -275,6 +275,11 @@ async fn many_first_connections_to_a_new_namespace_all_receive() {
 
 const BAD_INPUT_JWT_KEY: &str = "bad-input-jwt-key";
 
+/// The JWT key of instance acme (the rows' bodies are acme's) under `BAD_INPUT_JWT_KEY`.
+fn acme_key() -> String {
+    webhook_credential(BAD_INPUT_JWT_KEY, "acme")
+}
+
 /// (what, url, body, content-type, status, error contains)
 type Case = (
     &'static str,
@@ -294,7 +299,7 @@ async fn bad_input_table() {
     config.webhook.jwt_secret = Some(evolution_realtime_secret(BAD_INPUT_JWT_KEY));
     let app = spawn_app(config).await;
     // Every row carries a valid credential unless the row is about the credential.
-    let valid = format!("Bearer {}", evolution_jwt(BAD_INPUT_JWT_KEY, 0));
+    let valid = format!("Bearer {}", evolution_jwt(&acme_key(), 0));
     let mut js = JsDriver::start().await;
     js.connect(
         "watch",
@@ -521,10 +526,7 @@ async fn bad_input_table() {
         ),
         (
             "jwt expired beyond the leeway",
-            format!(
-                "Bearer {}",
-                evolution_jwt(BAD_INPUT_JWT_KEY, 600 + 1200 + 60)
-            ),
+            format!("Bearer {}", evolution_jwt(&acme_key(), 600 + 1200 + 60)),
             401,
             "expired",
         ),
@@ -533,7 +535,7 @@ async fn bad_input_table() {
             format!(
                 "Bearer {}",
                 sign_jwt(
-                    BAD_INPUT_JWT_KEY,
+                    &acme_key(),
                     &json!({"iat": now(), "app": "evolution", "action": "webhook"})
                 )
             ),

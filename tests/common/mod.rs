@@ -175,6 +175,8 @@ pub struct FakeState {
     pub delay_ms: AtomicUsize,
     /// Delay before answering lookups.
     pub lookup_delay_ms: AtomicUsize,
+    /// When non-zero, every lookup is answered with this status (an erring Evolution).
+    pub lookup_status: AtomicUsize,
 }
 
 pub struct FakeEvolution {
@@ -245,6 +247,15 @@ async fn fetch_instances(State(state): State<Arc<FakeState>>, headers: HeaderMap
     let delay = state.lookup_delay_ms.load(Ordering::SeqCst) as u64;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let failing = state.lookup_status.load(Ordering::SeqCst) as u16;
+    if failing != 0 {
+        let status = StatusCode::from_u16(failing).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (
+            status,
+            axum::Json(json!({"status": failing, "error": "failing"})),
+        )
+            .into_response();
     }
     let key = headers
         .get("apikey")
@@ -625,6 +636,15 @@ pub fn with_key(transport: &str, key: &str) -> Value {
 }
 
 // === JWTs as Evolution signs them ===
+
+/// The webhook credential of `instance` under `master`, computed independently of the
+/// sidecar: lowercase hex of HMAC-SHA256(master, instance), as the README documents it.
+pub fn webhook_credential(master: &str, instance: &str) -> String {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, master.as_bytes());
+    let tag = hmac::sign(&key, instance.as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 pub fn evolution_jwt(secret: &str, issued_ago_secs: i64) -> String {
     let now = std::time::SystemTime::now()
