@@ -31,6 +31,7 @@ use crate::config::{self, Secret, comma_list};
 use crate::dedupe::Dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
+use crate::server;
 use crate::sio_request;
 use crate::telemetry::{NamespaceLabels, names};
 use crate::upstream::{self, Upstream};
@@ -612,7 +613,8 @@ impl Hub {
                             principal.may_join(socket.ns())
                         }
                         Some(Err(auth::Error::Invalid)) => false,
-                        Some(Err(auth::Error::Unavailable(_) | auth::Error::RateLimited)) | None => {
+                        Some(Err(auth::Error::Unavailable(_) | auth::Error::RateLimited))
+                        | None => {
                             // First seen unverified: it was verified when it connected,
                             // at most one round ago.
                             let since = *verified.entry(key.to_owned()).or_insert(now);
@@ -1179,7 +1181,12 @@ pub async fn detach_head(request: axum::extract::Request) -> axum::extract::Requ
     }
     parts.headers = headers;
     if sio_request::is_handshake(&parts.uri) {
-        parts.extensions.insert(Arc::new(EngineSession::new(None)));
+        let close = parts
+            .extensions
+            .get::<server::ConnectionCloser>()
+            .cloned()
+            .map(|closer| Box::new(move || closer.close()) as Box<dyn Fn() + Send + Sync>);
+        parts.extensions.insert(Arc::new(EngineSession::new(close)));
     }
     axum::extract::Request::from_parts(parts, body)
 }

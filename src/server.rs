@@ -215,11 +215,38 @@ fn fd_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// Ends one accepted connection from outside hyper: its socket then reads end-of-stream
+/// and refuses writes, so whoever holds it (hyper, or engineioxide's websocket task after
+/// an upgrade) closes it. In every request's extensions; the hub uses it to close an
+/// Engine.IO session's transport after too many refused CONNECTs.
+#[derive(Clone, Default)]
+pub struct ConnectionCloser(Arc<CloseState>);
+
+#[derive(Default)]
+struct CloseState {
+    closed: std::sync::atomic::AtomicBool,
+    reader: futures_util::task::AtomicWaker,
+}
+
+impl ConnectionCloser {
+    pub fn close(&self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.reader.wake();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// A socket that carries its [`Permit`]: wherever hyper moves the I/O (an upgrade hands it
 /// to the websocket task), the count goes with it and ends when the socket is closed.
 struct Counted {
     tcp: TcpStream,
     _permit: Permit,
+    closer: ConnectionCloser,
 }
 
 impl AsyncRead for Counted {
@@ -228,6 +255,11 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Registered before the check, so a close between the two still wakes this read.
+        self.closer.0.reader.register(cx.waker());
+        if self.closer.is_closed() {
+            return Poll::Ready(Ok(())); // end of stream
+        }
         Pin::new(&mut self.tcp).poll_read(cx, buf)
     }
 }
@@ -238,6 +270,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.closer.is_closed() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
@@ -246,6 +281,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.closer.is_closed() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
@@ -320,13 +358,16 @@ pub async fn serve(
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
+        let closer = ConnectionCloser::default();
         let io = TokioIo::new(Counted {
             tcp,
             _permit: permit,
+            closer: closer.clone(),
         });
         tokio::spawn(connection(
             io,
             peer,
+            closer,
             router.clone(),
             header_timeout,
             closing_rx.clone(),
@@ -343,6 +384,7 @@ pub async fn serve(
 async fn connection(
     io: TokioIo<Counted>,
     peer: SocketAddr,
+    closer: ConnectionCloser,
     router: Router,
     header_timeout: Duration,
     mut closing: tokio::sync::watch::Receiver<bool>,
@@ -350,6 +392,7 @@ async fn connection(
 ) {
     let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(closer.clone());
         router.clone().oneshot(request.map(Body::new))
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -36,6 +36,35 @@ async fn joined(sidecar: &Sidecar, ns: &str, auth: Value) -> RawSocket {
     socket
 }
 
+/// Posts `event` for `instance` until `socket` receives an event on `ns` and returns its
+/// name. socketioxide sends the CONNECT answer before the hub's connect handler has
+/// subscribed the socket, so the first webhook right after joining may find no audience.
+async fn delivered(
+    sidecar: &Sidecar,
+    socket: &mut RawSocket,
+    ns: &str,
+    event: &str,
+    instance: &str,
+) -> String {
+    let prefix = format!("42{ns},");
+    let deadline = Instant::now() + PATIENCE;
+    for n in 0.. {
+        assert!(Instant::now() < deadline, "no {event} reached {ns}");
+        let (status, _) = webhook(sidecar, event, instance, 1_000_000 + n).await;
+        assert_eq!(status, 200);
+        while let Some(frame) = socket
+            .next_text_within_or_none(Duration::from_millis(300))
+            .await
+        {
+            if let Some(body) = frame.strip_prefix(&prefix) {
+                let packet: Value = serde_json::from_str(body).unwrap();
+                return packet[0].as_str().unwrap().to_owned();
+            }
+        }
+    }
+    unreachable!()
+}
+
 /// The next event frame's name on `ns`.
 async fn next_event(socket: &mut RawSocket, ns: &str) -> String {
     let prefix = format!("42{ns},");
@@ -121,78 +150,87 @@ async fn a_huge_anonymous_filter_costs_nothing() {
 }
 
 /// Row 2: every CONNECT to a new name created a namespace before the middleware ran, and
-/// a refused one never removed it: 100,000 refused CONNECTs grew RSS by 80 MB, kept; 100
-/// CONNECTs to 1 MB names by 104 MB. A refusal now removes the namespace it created.
+/// a refused one never removed it: 100,000 refused CONNECTs grew RSS by 80 MB, kept. A
+/// refusal now removes the namespace it created: counted here inside the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_connects_leave_nothing_behind() {
+async fn refused_connects_leave_no_namespace_behind() {
     let evolution = FakeEvolution::start().await;
-    let sidecar = Sidecar::start(&env(&evolution, &[("SIDECAR_HANDSHAKE_RATE_PER_IP", "0")])).await;
-    let mut warm = joined(&sidecar, "/warm", json!({"apikey": GLOBAL_KEY})).await;
-    let baseline = sidecar.settled_rss_kib(Duration::from_millis(300)).await;
-
-    // 30,000 anonymous CONNECTs to distinct names, on as many connections as it takes.
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let before = app.hub.namespace_count();
     let mut refused = 0;
     let mut connections = 0;
     let started = Instant::now();
-    'flood: while refused < 30_000 {
-        let mut socket = RawSocket::open(sidecar.addr, "").await.unwrap();
+    'flood: loop {
+        let mut socket = RawSocket::open(app.addr, "").await.unwrap();
         connections += 1;
         loop {
             let ns = format!("/ns-{refused}");
-            match socket.connect(&ns, "{}").await {
-                Some(answer) => {
-                    assert!(answer.starts_with(&format!("44{ns},")), "{answer}");
-                    refused += 1;
-                    if refused == 30_000 {
-                        break 'flood;
-                    }
-                }
-                None => break,
+            let Some(answer) = socket.connect(&ns, "{}").await else {
+                break;
+            };
+            assert!(answer.starts_with(&format!("44{ns},")), "{answer}");
+            refused += 1;
+            if refused == 3_000 {
+                break 'flood;
             }
         }
     }
-    let small_flood_took = started.elapsed();
-    let after_small = sidecar.settled_rss_kib(Duration::from_millis(500)).await;
+    let took = started.elapsed();
+    let after = app.hub.namespace_count();
+    eprintln!(
+        "row 2: {refused} refused CONNECTs to new names over {connections} connections in \
+         {took:?}: namespaces {before} -> {after}"
+    );
+    assert!(after <= before + 1, "{before} -> {after} namespaces");
 
-    // 100 CONNECTs to 1 MB names.
+    // Positive control: a namespace with a socket stays, and gets its events.
+    let mut js = JsDriver::start().await;
+    js.connect("ok", &app.url("/fresh"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    assert_eq!(app.hub.namespace_count(), after + 1);
+    post_webhook(&app.webhook_url(), event_body("call", "fresh", 1)).await;
+    assert_eq!(js.next_event("ok").await.0, "call");
+    js.shutdown().await;
+}
+
+/// Row 2, long names: 100 CONNECTs to 1 MB names grew RSS by 104 MB, kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_to_huge_names_leave_nothing_behind() {
+    let evolution = FakeEvolution::start().await;
+    let sidecar = Sidecar::start(&env(&evolution, &[("SIDECAR_HANDSHAKE_RATE_PER_IP", "0")])).await;
+    let baseline = sidecar.settled_rss_kib(Duration::from_millis(300)).await;
     let mut socket = RawSocket::open(sidecar.addr, "").await.unwrap();
-    let mut long_refused = 0;
+    let mut refused = 0;
+    let started = Instant::now();
     for i in 0..100 {
         let ns = format!("/{}{i}", "n".repeat(1 << 20));
-        if socket.connect(&ns, "{}").await.is_none() {
-            socket = RawSocket::open(sidecar.addr, "").await.unwrap();
-            continue;
+        match socket.connect(&ns, "{}").await {
+            Some(answer) => {
+                assert!(answer.starts_with("44/"), "{}", &answer[..64]);
+                refused += 1;
+            }
+            None => socket = RawSocket::open(sidecar.addr, "").await.unwrap(),
         }
-        long_refused += 1;
     }
-    let after_long = sidecar.settled_rss_kib(Duration::from_millis(500)).await;
+    let took = started.elapsed();
+    let after = sidecar.settled_rss_kib(Duration::from_millis(500)).await;
     eprintln!(
-        "row 2: {refused} refused CONNECTs over {connections} connections in \
-         {small_flood_took:?}: RSS {:.1} -> {:.1} MiB; {long_refused} refused 1 MB names: \
-         {:.1} MiB",
+        "row 2: {refused} refused CONNECTs to 1 MB names in {took:?}: RSS {:.1} -> {:.1} MiB",
         mib(baseline),
-        mib(after_small),
-        mib(after_long)
+        mib(after)
     );
     assert!(
-        after_small < baseline + 12 * 1024,
-        "{baseline} -> {after_small} KiB"
+        refused >= 70,
+        "the 1 MB names were sent and refused ({refused})"
     );
-    assert!(
-        long_refused >= 50,
-        "the 1 MB names were sent ({long_refused})"
-    );
-    assert!(
-        after_long < baseline + 24 * 1024,
-        "{baseline} -> {after_long} KiB"
-    );
+    assert!(after < baseline + 24 * 1024, "{baseline} -> {after} KiB");
 
     // Positive control: namespaces still come and go for clients with a key.
     let mut client = joined(&sidecar, "/fresh", json!({"apikey": GLOBAL_KEY})).await;
-    webhook(&sidecar, "call", "fresh", 1).await;
-    assert_eq!(next_event(&mut client, "/fresh").await, "call");
-    webhook(&sidecar, "call", "warm", 2).await;
-    assert_eq!(next_event(&mut warm, "/warm").await, "call");
+    assert_eq!(
+        delivered(&sidecar, &mut client, "/fresh", "call", "fresh").await,
+        "call"
+    );
 }
 
 /// Row 2, last part: an Engine.IO connection that keeps sending refused CONNECTs is closed
@@ -575,14 +613,14 @@ async fn request_ids_and_their_replies_are_bounded() {
 /// socket: 16 in-flight 15 MB emits on one socket took RSS from 212 to 804 MB. Bytes in
 /// flight are bounded per socket (32 MiB by default): the rest are acked 429 at once. (8
 /// emits here: a debug build takes seconds to send each, and the upstream holds the
-/// forwarded ones for 30 s, so all 8 arrive while the first two are in flight.)
+/// forwarded ones for 20 s, so all 8 arrive while the first two are in flight.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emit_bytes_in_flight_are_bounded() {
     let evolution = FakeEvolution::start().await;
     evolution
         .state
         .delay_ms
-        .store(30_000, std::sync::atomic::Ordering::SeqCst);
+        .store(20_000, std::sync::atomic::Ordering::SeqCst);
     let sidecar = Sidecar::start(&env(&evolution, &[])).await;
     let mut socket = joined(&sidecar, "/acme", json!({"apikey": GLOBAL_KEY})).await;
     let baseline = sidecar.settled_rss_kib(Duration::from_millis(200)).await;
@@ -601,9 +639,9 @@ async fn emit_bytes_in_flight_are_bounded() {
         mib(peak)
     );
     assert_eq!(forwarded, 2, "32 MiB per socket holds two");
-    assert_eq!(limited, 14);
+    assert_eq!(limited, 6);
     assert!(
-        peak < baseline + 300 * 1024,
+        peak < baseline + 260 * 1024,
         "{baseline} -> peak {peak} KiB"
     );
     // Positive control: what was forwarded reached Evolution whole.

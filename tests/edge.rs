@@ -26,8 +26,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
+/// `EDGE_BINARY` (or `EVO_REALTIME_BINARY`) runs these tests against another build.
 fn binary() -> String {
-    std::env::var("EDGE_BINARY").unwrap_or_else(|_| sidecar::BINARY.to_owned())
+    std::env::var("EDGE_BINARY").unwrap_or_else(|_| sidecar::binary())
 }
 
 /// Starts the binary with `envs`, optionally under `ulimit -n fd_limit` and with stderr

@@ -40,6 +40,8 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The app's hub, to look inside (namespaces, sockets).
+    pub hub: evo_realtime::hub::Hub,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -88,6 +90,7 @@ pub fn test_config(upstream_url: &str) -> Config {
 
 pub async fn spawn_app(config: Config) -> TestApp {
     let app = App::build(&config).expect("valid test config");
+    let hub = app.hub().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -96,6 +99,7 @@ pub async fn spawn_app(config: Config) -> TestApp {
     }));
     TestApp {
         addr,
+        hub,
         shutdown: Some(tx),
         handle: Some(handle),
     }

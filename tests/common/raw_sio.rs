@@ -75,6 +75,23 @@ impl RawSocket {
         }
     }
 
+    /// The next text frame within `patience`, or `None` when none came (or it closed).
+    pub async fn next_text_within_or_none(&mut self, patience: Duration) -> Option<String> {
+        loop {
+            let frame = tokio::time::timeout(patience, self.ws.next())
+                .await
+                .ok()??;
+            match frame {
+                Ok(Message::Text(text)) if text.as_str() == "2" => {
+                    let _ = self.ws.send(Message::text("3")).await;
+                }
+                Ok(Message::Text(text)) => return Some(text.as_str().to_owned()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Sends `40{ns},{auth}` and returns the answer for that namespace (`40...` or `44...`).
     pub async fn connect(&mut self, ns: &str, auth: &str) -> Option<String> {
         if !self.send(format!("40{ns},{auth}")).await {

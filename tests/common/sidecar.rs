@@ -52,7 +52,10 @@ impl Sidecar {
         command
             .env_clear()
             .env("SIDECAR_LISTEN", addr.to_string())
-            .env("RUST_LOG", std::env::var("EVO_SIDECAR_LOG").unwrap_or("warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("EVO_SIDECAR_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // `EVO_SIDECAR_LOG=debug` shows the sidecar's logs while debugging a test.
