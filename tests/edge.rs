@@ -141,14 +141,16 @@ async fn webhook_from(sidecar: &Sidecar, from: IpAddr) -> (u16, Duration) {
 }
 
 async fn metric_from(sidecar: &Sidecar, from: IpAddr, series: &str) -> f64 {
-    let text = client_from(from)
+    // Metrics on the public port take the global key (the sidecar's must be `GLOBAL_KEY`).
+    let response = client_from(from)
         .get(sidecar.url("/_sidecar/metrics"))
+        .bearer_auth(GLOBAL_KEY)
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    // An empty or refused scrape must not read as "zero".
+    assert_eq!(response.status(), 200, "metrics scraped");
+    let text = response.text().await.unwrap();
     text.lines()
         .filter(|line| line.starts_with(series))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
@@ -316,6 +318,9 @@ async fn tcp_connections_are_capped_per_client_and_in_total() {
             ("SIDECAR_MAX_TCP_CONNECTIONS", "60".to_owned()),
             ("SIDECAR_MAX_TCP_CONNECTIONS_PER_IP", "40".to_owned()),
             ("SIDECAR_HTTP_HEADER_TIMEOUT_SECS", "60".to_owned()),
+            // Webhooks come from the other loopback clients too.
+            ("SIDECAR_WEBHOOK_ALLOWED_CIDRS", "127.0.0.0/8".to_owned()),
+            ("AUTHENTICATION_API_KEY", GLOBAL_KEY.to_owned()),
         ],
         None,
         None,
@@ -439,6 +444,7 @@ async fn under_a_low_descriptor_limit_the_caps_come_before_emfile() {
             ("SIDECAR_UPSTREAM_URL", evolution.url()),
             ("SIDECAR_MAX_TCP_CONNECTIONS_PER_IP", "100".to_owned()),
             ("SIDECAR_HTTP_HEADER_TIMEOUT_SECS", "60".to_owned()),
+            ("AUTHENTICATION_API_KEY", GLOBAL_KEY.to_owned()),
         ],
         Some(512),
         None,
