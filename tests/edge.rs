@@ -15,9 +15,9 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::sidecar::Launch;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -34,42 +34,14 @@ fn binary() -> String {
 /// Starts the binary with `envs`, optionally under `ulimit -n fd_limit` and with stderr
 /// kept in a file, and waits until it serves.
 async fn start(envs: &[(&str, String)], fd_limit: Option<u32>, stderr: Option<&Path>) -> Sidecar {
-    let addr = free_port();
-    let mut command = match fd_limit {
-        Some(limit) => {
-            let mut sh = Command::new("sh");
-            sh.arg("-c")
-                .arg(format!("ulimit -n {limit} && exec \"$0\""))
-                .arg(binary());
-            sh
-        }
-        None => Command::new(binary()),
+    let launch = Launch {
+        binary: Some(binary()),
+        fd_limit,
+        stderr_file: stderr.map(Path::to_path_buf),
+        log: Some("warn".into()),
+        ..Launch::default()
     };
-    command
-        .env_clear()
-        .env("SIDECAR_LISTEN", addr.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(match stderr {
-            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
-            None => Stdio::null(),
-        })
-        .kill_on_drop(true);
-    for (name, value) in envs {
-        command.env(name, value);
-    }
-    let child = command.spawn().unwrap();
-    let url = format!("http://{addr}/_sidecar/healthz");
-    eventually("the binary serves", || async {
-        http()
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    Sidecar { child, addr }
+    Sidecar::launch(envs, launch).await
 }
 
 /// A TCP connection to `addr` from the loopback address `from`.

@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -11,9 +10,11 @@ use common::*;
 use evo_realtime::config::ENV_VARS;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_evo-realtime");
+
+use common::sidecar::Launch;
 
 async fn get(url: &str) -> (u16, String) {
     let response = http().get(url).send().await.unwrap();
@@ -29,19 +30,6 @@ async fn scrape_metrics(url: &str) -> (u16, String) {
         .await
         .unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
-}
-
-/// Polls `check` until it holds, with bounded patience.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -223,74 +211,13 @@ async fn metrics_move_to_their_own_listener() {
 
 // === The real binary ===
 
-struct Running {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-async fn run_binary(envs: &[(&str, String)]) -> Running {
-    let addr = free_port();
-    let mut command = Command::new(BINARY);
-    command
-        .env_clear()
-        .env("SIDECAR_LISTEN", addr.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, value) in envs {
-        command.env(name, value);
-    }
-    let child = command.spawn().unwrap();
-    let url = format!("http://{addr}/_sidecar/healthz");
-    eventually("the binary serves", || async {
-        http()
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    Running { child, addr }
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the exit and returns the code and everything logged.
-    async fn finish(mut self) -> (Option<i32>, String) {
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("exits")
-            .unwrap();
-        let mut logs = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut logs)
-            .await
-            .unwrap();
-        (status.code(), logs)
-    }
+/// The binary with its logs piped, so `finish` can read them.
+async fn run_binary(envs: &[(&str, String)]) -> Sidecar {
+    let launch = Launch {
+        piped: true,
+        ..Launch::default()
+    };
+    Sidecar::launch(envs, launch).await
 }
 
 #[tokio::test]

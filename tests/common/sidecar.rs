@@ -44,26 +44,69 @@ pub struct Sidecar {
     pub addr: SocketAddr,
 }
 
+/// How [`Sidecar::launch`] starts the process.
+#[derive(Default)]
+pub struct Launch {
+    /// Another binary than [`binary`].
+    pub binary: Option<String>,
+    /// Run under `ulimit -n` this.
+    pub fd_limit: Option<u32>,
+    /// Keep stdout and stderr as pipes (to read the logs after [`Sidecar::finish`]);
+    /// otherwise they are discarded (`EVO_SIDECAR_LOG=debug` shows stderr instead).
+    pub piped: bool,
+    /// Write stderr to this file.
+    pub stderr_file: Option<std::path::PathBuf>,
+    /// `RUST_LOG` for the process; unset, the binary's default filter applies.
+    pub log: Option<String>,
+}
+
 impl Sidecar {
     /// Starts the binary with only `envs` (plus `SIDECAR_LISTEN`) and waits until it serves.
     pub async fn start(envs: &[(&str, String)]) -> Self {
+        let launch = Launch {
+            log: Some("warn".into()),
+            ..Launch::default()
+        };
+        Self::launch(envs, launch).await
+    }
+
+    /// [`Sidecar::start`], as `launch` says.
+    pub async fn launch(envs: &[(&str, String)], launch: Launch) -> Self {
         let addr = free_port();
-        let mut command = Command::new(binary());
+        let program = launch.binary.unwrap_or_else(binary);
+        let mut command = match launch.fd_limit {
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\""))
+                    .arg(program);
+                sh
+            }
+            None => Command::new(program),
+        };
+        let shown = std::env::var("EVO_SIDECAR_LOG").ok();
+        let log = shown.clone().or(launch.log);
+        let stderr = if launch.piped {
+            Stdio::piped()
+        } else if let Some(path) = &launch.stderr_file {
+            Stdio::from(std::fs::File::create(path).unwrap())
+        } else if shown.is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        command.env_clear().env("SIDECAR_LISTEN", addr.to_string());
+        if let Some(log) = log {
+            command.env("RUST_LOG", log);
+        }
         command
-            .env_clear()
-            .env("SIDECAR_LISTEN", addr.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("EVO_SIDECAR_LOG").unwrap_or("warn".into()),
-            )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            // `EVO_SIDECAR_LOG=debug` shows the sidecar's logs while debugging a test.
-            .stderr(if std::env::var_os("EVO_SIDECAR_LOG").is_some() {
-                Stdio::inherit()
+            .stdout(if launch.piped {
+                Stdio::piped()
             } else {
                 Stdio::null()
             })
+            .stderr(stderr)
             .kill_on_drop(true);
         for (name, value) in envs {
             command.env(name, value);
@@ -79,6 +122,30 @@ impl Sidecar {
         })
         .await;
         Sidecar { child, addr }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.pid().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit and returns the code and everything logged (with `piped`).
+    pub async fn finish(mut self) -> (Option<i32>, String) {
+        use tokio::io::AsyncReadExt;
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        let mut logs = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            stderr.read_to_string(&mut logs).await.unwrap();
+        }
+        (status.code(), logs)
     }
 
     pub fn url(&self, path: &str) -> String {
