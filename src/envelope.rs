@@ -259,8 +259,19 @@ fn check_depth(text: &str, limit: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// The body's `instance`, from its first bytes (Evolution writes it second, after
+/// `event` and 2.3.7's few `extra` fields): a credential bound to an instance can be
+/// judged before the rest of a large body is read.
+pub fn instance_in_prefix(prefix: &[u8]) -> Option<String> {
+    crate::json_object::string_in_prefix(prefix, "instance")
+}
+
+/// Evolution's envelope has about ten top-level fields (2.3.7's `extra` adds a few).
+const MAX_TOP_LEVEL_FIELDS: usize = 256;
+
 fn parse_top_level(text: &str) -> Result<Entries<'_>, Error> {
-    crate::json_object::entries(text).map_err(|err| Error::Syntax(err.to_string()))
+    crate::json_object::entries(text, MAX_TOP_LEVEL_FIELDS)
+        .map_err(|err| Error::Syntax(err.to_string()))
 }
 
 /// Reads a string field that must appear exactly once.

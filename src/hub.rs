@@ -372,8 +372,11 @@ impl Hub {
     /// `Duplicate`; in Redis mode the check and the append are one atomic script, so a
     /// crash between them cannot turn a retry into a loss.
     pub async fn publish(&self, envelope: &Envelope, fingerprint: Option<u128>) -> Published {
+        // Deletions always pass `SIDECAR_EVENTS`: the hub must see them to forget the
+        // instance (on every replica, so they travel like any event).
         if let Some(allowed) = &self.allowed_events
             && !allowed.contains(&envelope.event.upper_snake())
+            && !is_deletion(envelope.event.as_str())
         {
             return Published::Fresh;
         }
@@ -411,10 +414,7 @@ impl Hub {
         let namespace = envelope.instance.namespace();
         self.emit_to(&namespace, &rooms, &upper, envelope, seq)
             .await;
-        if matches!(
-            envelope.event.as_str(),
-            "instance.delete" | "remove.instance"
-        ) {
+        if is_deletion(envelope.event.as_str()) {
             self.forget_instance(&envelope.instance, &namespace).await;
         }
         if self.global_events {
@@ -429,8 +429,17 @@ impl Hub {
     /// empty (offsets from before read as a gap, `recovered: false`).
     async fn forget_instance(&self, instance: &InstanceName, namespace: &str) {
         let forgotten = self.shared.auth.invalidate_instance(instance);
-        if let Some(operators) = self.io.of(namespace) {
-            for socket in operators.sockets() {
+        let strays: Vec<SocketRef> = {
+            let strays = self.shared.strays.lock().unwrap_or_else(|e| e.into_inner());
+            strays.get(namespace).cloned().unwrap_or_default()
+        };
+        let sockets = self
+            .io
+            .of(namespace)
+            .map(|ns| ns.sockets())
+            .unwrap_or_default();
+        {
+            for socket in sockets.into_iter().chain(strays) {
                 let token = socket
                     .extensions
                     .get::<Session>()
@@ -576,11 +585,16 @@ impl Hub {
                 // The tick's own instant: rounds are exactly `period` apart, so the grace
                 // comparison below does not depend on how long the lookups took.
                 let now = tick.tick().await.into_std();
+                let strays: Vec<SocketRef> = {
+                    let strays = hub.shared.strays.lock().unwrap_or_else(|e| e.into_inner());
+                    strays.values().flatten().cloned().collect()
+                };
                 let sockets: Vec<(SocketRef, Session)> = hub
                     .io
                     .nsps()
                     .into_iter()
                     .flat_map(|ns| ns.sockets())
+                    .chain(strays)
                     .filter_map(|socket| {
                         let session = socket.extensions.get::<Session>()?;
                         (session.principal != Principal::Global).then_some((socket, session))
@@ -975,6 +989,17 @@ async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Sh
         .and_then(|ns| ns.get_socket(socket.id))
         .is_some();
     if !registered {
+        // The socket's namespace is not the registered one (socketioxide's creation race,
+        // or a refusal that removed it meanwhile): revocation and broadcasts would not see
+        // it. Where the transport can be closed, the client reconnects into the live one.
+        if socket.transport_type() == TransportType::Websocket
+            && let Some(session) = socket.req_parts().extensions.get::<Arc<EngineSession>>()
+            && session.close.is_some()
+        {
+            tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: closing the transport so the client reconnects");
+            session.close();
+            return;
+        }
         tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: delivering to this socket directly");
         let mut strays = shared.strays.lock().unwrap_or_else(|e| e.into_inner());
         // `connected` turns false before the disconnect handler runs: a socket that left
@@ -1140,6 +1165,11 @@ fn parse_filter(
 
 /// Token lookups the revalidator has in flight at once.
 const REVALIDATE_CONCURRENCY: usize = 16;
+
+/// Whether an event says the instance is gone (Evolution sends either name).
+fn is_deletion(event: &str) -> bool {
+    matches!(event, "instance.delete" | "remove.instance")
+}
 
 /// How long a locally delivered fingerprint is remembered against a late stream entry.
 const LOCAL_ONLY_MEMORY: Duration = Duration::from_secs(3600);

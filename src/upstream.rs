@@ -323,6 +323,9 @@ pub struct Plan {
     pub route: String,
 }
 
+/// The most top-level fields an emit's argument may have (Evolution's bodies have a few).
+pub const MAX_ARGUMENT_FIELDS: usize = 1024;
+
 /// The longest `requestId` accepted (a UUID is 36 bytes).
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -344,9 +347,16 @@ pub fn plan(
     let is_get = route.method == http::Method::GET;
     let mut fields = match argument.map(RawValue::get) {
         None | Some("null") if is_get => Vec::new(),
-        Some(text) => match json_object::entries(text) {
+        Some(text) => match json_object::entries(text, MAX_ARGUMENT_FIELDS) {
             Ok(fields) => fields,
-            Err(_) => return Err(AckReply::error(400, "argument must be a JSON object")),
+            Err(_) => {
+                return Err(AckReply::error(
+                    400,
+                    format!(
+                        "argument must be a JSON object of at most {MAX_ARGUMENT_FIELDS} fields"
+                    ),
+                ));
+            }
         },
         None => return Err(AckReply::error(400, "argument must be a JSON object")),
     };

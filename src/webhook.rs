@@ -470,8 +470,11 @@ async fn accept(
         }
     };
 
-    // Stage 5: the body, bounded in size and time.
-    let body = read_body(request, &webhook.config, deadline).await?;
+    // Stage 5: the body, bounded in size and time. A per-instance credential is judged as
+    // soon as the body's first bytes name the instance (Evolution writes it second), so a
+    // forged header costs at most `INSTANCE_PREFIX` bytes read, never a whole body.
+    let early = |prefix: &[u8], complete: bool| admission.check_prefix(webhook, prefix, complete);
+    let body = read_body(request, &webhook.config, deadline, early).await?;
 
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
@@ -727,8 +730,27 @@ const UPGRADE_HINT: &str = "is the master secret, not this instance's credential
      SIDECAR_WEBHOOK_CREDENTIALS=shared for a single tenant";
 
 impl Admission {
+    /// [`Admission::check`] on the instance named in a body's first bytes. `complete`:
+    /// `prefix` is the whole body (then a body naming no instance is left to the envelope
+    /// parser, which refuses it).
+    fn check_prefix(&self, webhook: &Webhook, prefix: &[u8], complete: bool) -> Result<(), Error> {
+        if matches!(self, Admission::AnyInstance) {
+            return Ok(());
+        }
+        match envelope::instance_in_prefix(prefix) {
+            Some(name) => match InstanceName::parse(&name) {
+                Ok(instance) => self.check(webhook, &instance),
+                Err(why) => Err(Error::Envelope(envelope::Error::Semantic(why))),
+            },
+            None if complete => Ok(()),
+            None => Err(Error::Unauthorized(
+                "a per-instance credential needs `instance` within the body's first 64 KiB",
+            )),
+        }
+    }
+
     /// Whether the credentials are valid for `instance`.
-    fn check(self, webhook: &Webhook, instance: &InstanceName) -> Result<(), Error> {
+    fn check(&self, webhook: &Webhook, instance: &InstanceName) -> Result<(), Error> {
         let Admission::PerInstance { secret, jwt } = self else {
             return Ok(());
         };
@@ -737,7 +759,7 @@ impl Admission {
             instance: instance.as_str().to_owned(),
             reason,
         };
-        if let (Some(master), Some(given)) = (&config.secret, &secret) {
+        if let (Some(master), Some(given)) = (&config.secret, secret) {
             let expected = instance_credential(master, instance);
             if bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
                 return Ok(());
@@ -752,8 +774,7 @@ impl Admission {
                 return Err(wrong("header secret is not this instance's credential"));
             }
         }
-        let (Some(master), Some(validation), Some(token)) =
-            (&config.jwt_secret, &webhook.jwt, &jwt)
+        let (Some(master), Some(validation), Some(token)) = (&config.jwt_secret, &webhook.jwt, jwt)
         else {
             return Err(wrong("header secret is not this instance's credential"));
         };
@@ -851,19 +872,31 @@ fn verify_jwt(
 
 /// The body, at most `max_body_bytes`, complete by `deadline`. Past the limit, the rest
 /// is drained (up to `DRAIN_FACTOR` times the limit in all) before the 413.
+/// The bytes of a body within which a per-instance credential's instance must appear.
+const INSTANCE_PREFIX: usize = 64 * 1024;
+
+/// Reads the body within `max_body_bytes` and the deadline. `early` is called once, when
+/// [`INSTANCE_PREFIX`] bytes are in (or the body ended sooner); its refusal stops the read
+/// (the rest is drained, bounded, so the client reads the status).
 async fn read_body(
     request: Request,
     config: &Config,
     deadline: tokio::time::Instant,
+    early: impl FnOnce(&[u8], bool) -> Result<(), Error>,
 ) -> Result<bytes::Bytes, Error> {
     let limit = config.max_body_bytes;
+    let drain_limit = limit.saturating_mul(DRAIN_FACTOR);
     let mut body = request.into_body();
     let mut buffer = bytes::BytesMut::new();
+    let mut early = Some(early);
     loop {
         let frame = tokio::time::timeout_at(deadline, body.frame())
             .await
             .map_err(|_| Error::ReadTimeout(config.read_timeout_secs))?;
         let Some(frame) = frame else {
+            if let Some(check) = early.take() {
+                check(&buffer, true)?;
+            }
             return Ok(buffer.freeze());
         };
         let frame = frame.map_err(|err| Error::BodyCut(err.to_string()))?;
@@ -873,11 +906,19 @@ async fn read_body(
         if buffer.len() as u64 + data.len() as u64 > limit {
             let read = buffer.len() as u64 + data.len() as u64;
             drop(buffer);
-            let drain_limit = limit.saturating_mul(DRAIN_FACTOR);
             discard(body, drain_limit.saturating_sub(read), deadline).await;
             return Err(Error::TooLarge { limit });
         }
         buffer.extend_from_slice(&data);
+        if buffer.len() >= INSTANCE_PREFIX
+            && let Some(check) = early.take()
+            && let Err(err) = check(&buffer[..INSTANCE_PREFIX], false)
+        {
+            let read = buffer.len() as u64;
+            drop(buffer);
+            discard(body, drain_limit.saturating_sub(read), deadline).await;
+            return Err(err);
+        }
     }
 }
 

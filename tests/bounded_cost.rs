@@ -649,3 +649,63 @@ async fn emit_bytes_in_flight_are_bounded() {
     assert_eq!(requests.len(), 2);
     assert!(requests.iter().all(|r| r.body.len() > 15_000_000));
 }
+
+/// Review of issues 12/13: with per-instance credentials the header secret is judged by
+/// the body's `instance`, so a forged header made the sidecar buffer and parse a whole
+/// body (64 MiB each, any number at once) before refusing it. The instance is now read
+/// from the body's first 64 KiB and a forged credential refused there; the rest is
+/// drained, never held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_instance_credential_costs_no_body() {
+    const MASTER: &str = "webhook-master-secret";
+    let evolution = FakeEvolution::start().await;
+    let sidecar = Sidecar::start(&env(&evolution, &[("SIDECAR_WEBHOOK_SECRET", MASTER)])).await;
+    let baseline = sidecar.settled_rss_kib(Duration::from_millis(200)).await;
+    let big = |instance: &str| {
+        format!(
+            r#"{{"event":"call","instance":"{instance}","data":{{"blob":"{}"}}}}"#,
+            "b".repeat(32 << 20)
+        )
+    };
+    let post = |secret: String, body: String| {
+        let url = sidecar.url("/_sidecar/webhook");
+        async move {
+            http()
+                .post(url)
+                .header("content-type", "application/json")
+                .header("x-webhook-secret", secret)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let started = Instant::now();
+    let mut forged = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        forged.spawn(post("forged".into(), big("acme")));
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = forged.join_next().await {
+        statuses.push(status.unwrap());
+    }
+    let took = started.elapsed();
+    let peak = sidecar.peak_rss_kib();
+    eprintln!(
+        "forged per-instance credential, 8 bodies of 32 MiB in {took:?}: {statuses:?}; RSS \
+         {:.1} MiB, peak {:.1} MiB",
+        mib(baseline),
+        mib(peak)
+    );
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(peak < baseline + 48 * 1024, "{baseline} -> peak {peak} KiB");
+
+    // Positive control: the instance's own credential posts a large body, which is read.
+    let own = webhook_credential(MASTER, "acme");
+    assert_eq!(post(own, big("acme")).await, 200);
+    assert!(
+        sidecar.peak_rss_kib() > baseline + 32 * 1024,
+        "the good body was held"
+    );
+}
