@@ -22,7 +22,7 @@
 //! | rate limited | 429    |
 //! | at capacity  | 503    |
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{Budget, LookupBudget};
 use crate::config::{self, comma_list};
+use crate::peer::bucket;
 use crate::sio_request;
 use crate::telemetry::names;
 
@@ -172,26 +173,6 @@ impl Guard {
     /// Client IPs the limiter currently remembers.
     pub fn tracked_clients(&self) -> usize {
         self.limiter.as_ref().map_or(0, |limiter| limiter.len())
-    }
-}
-
-/// IPv6 clients share a bucket per /64 (one host usually owns the whole prefix).
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let segments = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(
-                segments[0],
-                segments[1],
-                segments[2],
-                segments[3],
-                0,
-                0,
-                0,
-                0,
-            ))
-        }
     }
 }
 

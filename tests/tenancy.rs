@@ -480,3 +480,58 @@ async fn while_evolution_errs_token_sockets_are_kept_for_a_bounded_time() {
     assert_eq!(js.next_event("global").await.0, "call");
     js.shutdown().await;
 }
+
+/// Review finding: with `SIDECAR_EVENTS` set (the per-instance recipe lists a few events),
+/// `instance.delete` was dropped by the filter before the hub could forget the instance,
+/// so the deleted token's socket stayed and its cached answer lived on.
+#[tokio::test]
+async fn deletion_is_seen_through_an_event_filter() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.hub.events = vec!["MESSAGES_UPSERT".into()];
+    config.auth.token_cache_ttl_secs = 3600;
+    let app = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    js.connect(
+        "token",
+        &app.url("/acme"),
+        with_key("websocket", ACME_TOKEN),
+    )
+    .await;
+    js.connect(
+        "global",
+        &app.url("/acme"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    evolution.state.tokens.lock().unwrap().remove(ACME_TOKEN);
+    let deleted =
+        json!({"event": "instance.delete", "instance": "acme", "data": {"instanceName": "acme"}});
+    assert_eq!(
+        post_webhook(&app.webhook_url(), deleted.to_string())
+            .await
+            .0,
+        200
+    );
+    js.wait(|r| r["id"] == "token" && r["type"] == "disconnect")
+        .await;
+    let refused = js
+        .connect(
+            "again",
+            &app.url("/acme"),
+            with_key("websocket", ACME_TOKEN),
+        )
+        .await;
+    assert_eq!(refused["type"], "connect_error", "{refused}");
+    // Positive control: the filter still filters, and the global socket stays.
+    let call = json!({"event": "call", "instance": "acme", "data": {}});
+    post_webhook(&app.webhook_url(), call.to_string()).await;
+    let upsert = json!({"event": "messages.upsert", "instance": "acme", "data": {}});
+    post_webhook(&app.webhook_url(), upsert.to_string()).await;
+    let mut events = Vec::new();
+    while events.last().map(String::as_str) != Some("messages.upsert") {
+        events.push(js.next_event("global").await.0);
+    }
+    assert!(!events.iter().any(|e| e == "call"), "{events:?}");
+    js.shutdown().await;
+}
