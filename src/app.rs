@@ -90,7 +90,11 @@ impl App {
             )
         })?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
-        let guard = Arc::new(Guard::new(&config.guard, hub.connected())?);
+        let guard = Arc::new(Guard::new(
+            &config.guard,
+            hub.connected(),
+            hub.closed_sessions(),
+        )?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
             cluster,

@@ -100,11 +100,17 @@ pub struct Guard {
     max_connections: usize,
     /// Connected sockets, kept by the hub.
     connected: Arc<AtomicUsize>,
+    /// Sessions the hub ended; their requests are refused.
+    closed: Arc<sio_request::ClosedSessions>,
     checks: AtomicU64,
 }
 
 impl Guard {
-    pub fn new(config: &Config, connected: Arc<AtomicUsize>) -> Result<Self, config::Error> {
+    pub fn new(
+        config: &Config,
+        connected: Arc<AtomicUsize>,
+        closed: Arc<sio_request::ClosedSessions>,
+    ) -> Result<Self, config::Error> {
         let limiter = NonZeroU32::new(config.handshake_rate_per_ip).map(|rate| {
             let burst = NonZeroU32::new(
                 config
@@ -119,6 +125,7 @@ impl Guard {
             trusted: config.proxies()?,
             max_connections: config.max_connections,
             connected,
+            closed,
             checks: AtomicU64::new(0),
         })
     }
@@ -224,7 +231,12 @@ pub async fn check_handshake(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if !sio_request::is_handshake(request.uri()) {
+    if let Some(sid) = sio_request::session_id(request.uri().query().unwrap_or("")) {
+        if guard.closed.is_closed(sid) {
+            // Engine.IO's own answer to a session it does not know.
+            let body = serde_json::json!({ "code": 1, "message": "Session ID unknown" });
+            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        }
         return next.run(request).await;
     }
     let peer = request
@@ -264,8 +276,14 @@ pub async fn check_handshake(
 mod tests {
     use super::*;
 
+    fn closed() -> Arc<sio_request::ClosedSessions> {
+        Arc::new(sio_request::ClosedSessions::new(
+            std::time::Duration::from_secs(60),
+        ))
+    }
+
     fn guard(config: Config) -> Guard {
-        Guard::new(&config, Arc::new(AtomicUsize::new(0))).unwrap()
+        Guard::new(&config, Arc::new(AtomicUsize::new(0)), closed()).unwrap()
     }
 
     #[test]
@@ -325,6 +343,7 @@ mod tests {
                 ..Config::default()
             },
             connected.clone(),
+            closed(),
         )
         .unwrap();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();

@@ -176,6 +176,8 @@ struct Shared {
     /// CONNECTs being admitted per namespace, so a refusal removes only a namespace
     /// nobody is joining.
     admissions: Admissions,
+    /// Polling sessions ended for too many refused CONNECTs (the guard refuses them).
+    closed_sessions: Arc<sio_request::ClosedSessions>,
 }
 
 /// CONNECTs in the connect middleware now, per namespace.
@@ -324,6 +326,11 @@ impl Hub {
                 io: std::sync::OnceLock::new(),
                 running: Mutex::new(HashMap::new()),
             },
+            // Past the heartbeat, engineioxide has dropped the session anyway.
+            closed_sessions: Arc::new(sio_request::ClosedSessions::new(
+                Duration::from_secs(config.ping_interval_secs + config.ping_timeout_secs)
+                    .max(CONNECT_TIMEOUT),
+            )),
         });
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
@@ -681,6 +688,11 @@ impl Hub {
         self.io.close().await;
     }
 
+    /// Sessions the hub ended, for the guard to refuse.
+    pub fn closed_sessions(&self) -> Arc<sio_request::ClosedSessions> {
+        self.shared.closed_sessions.clone()
+    }
+
     /// The live count of connected sockets, shared with the connection cap.
     pub fn connected(&self) -> Arc<AtomicUsize> {
         self.connected.clone()
@@ -768,6 +780,10 @@ async fn authorize(
             metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => "too_many_refusals")
                 .increment(1);
             session.close();
+            if socket.transport_type() == TransportType::Polling {
+                // A polling transport is many requests: refuse the session's next ones.
+                shared.closed_sessions.close(&socket.id.to_string());
+            }
         }
     }
     result

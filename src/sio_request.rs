@@ -64,6 +64,69 @@ pub fn key_from_request(parts: &http::request::Parts) -> Option<String> {
     })
 }
 
+/// Engine.IO sessions the sidecar ended from outside engineioxide (too many refused
+/// CONNECTs on a polling session, whose transport is many requests): their later requests
+/// are refused, so the session can do nothing more and engineioxide drops it when its
+/// heartbeat goes unanswered. Bounded in entries; an entry expires after `ttl`.
+pub struct ClosedSessions {
+    ttl: std::time::Duration,
+    inner: std::sync::Mutex<ClosedInner>,
+}
+
+#[derive(Default)]
+struct ClosedInner {
+    sids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+}
+
+/// The most ended sessions remembered at once (16-byte ids: about 2 MiB).
+pub const MAX_CLOSED_SESSIONS: usize = 32_768;
+
+impl ClosedSessions {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            inner: Default::default(),
+        }
+    }
+
+    pub fn close(&self, sid: &str) {
+        let now = std::time::Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.expire(now, self.ttl);
+        if inner.sids.len() >= MAX_CLOSED_SESSIONS
+            && let Some((_, oldest)) = inner.order.pop_front()
+        {
+            inner.sids.remove(&oldest);
+        }
+        if inner.sids.insert(sid.to_owned()) {
+            inner.order.push_back((now, sid.to_owned()));
+        }
+    }
+
+    pub fn is_closed(&self, sid: SessionId<'_>) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.sids.is_empty() {
+            return false;
+        }
+        inner.expire(std::time::Instant::now(), self.ttl);
+        inner.sids.contains(sid.as_str())
+    }
+}
+
+impl ClosedInner {
+    fn expire(&mut self, now: std::time::Instant, ttl: std::time::Duration) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < ttl {
+                break;
+            }
+            if let Some((_, sid)) = self.order.pop_front() {
+                self.sids.remove(&sid);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -709,3 +709,80 @@ async fn a_forged_instance_credential_costs_no_body() {
         "the good body was held"
     );
 }
+
+/// Row 2 over polling: a polling transport is many HTTP requests, so closing one TCP
+/// connection ends nothing; after four refused CONNECTs the session's next requests are
+/// refused (`400 {"code":1}`), and engineioxide drops it at its heartbeat.
+#[tokio::test]
+async fn a_polling_session_sending_refused_connects_is_cut_off() {
+    let evolution = FakeEvolution::start().await;
+    let sidecar = Sidecar::start(&env(&evolution, &[("SIDECAR_HANDSHAKE_RATE_PER_IP", "0")])).await;
+    let base = sidecar.url("/socket.io/?EIO=4&transport=polling");
+    let open = http()
+        .get(&base)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
+    let session = format!("{base}&sid={}", handshake["sid"].as_str().unwrap());
+    let mut answered = 0;
+    let mut cut_off_after = None;
+    for i in 0..20 {
+        let sent = http()
+            .post(&session)
+            .body(format!("40/p{i},{{}}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if sent != 200 {
+            cut_off_after = Some((i, sent.as_u16()));
+            break;
+        }
+        let polled = http().get(&session).send().await.unwrap();
+        let status = polled.status().as_u16();
+        let text = polled.text().await.unwrap();
+        if status != 200 {
+            cut_off_after = Some((i, status));
+            break;
+        }
+        if text.contains(&format!("44/p{i},")) {
+            answered += 1;
+        }
+    }
+    eprintln!("row 2 (polling): {answered} refusals answered, then cut off at {cut_off_after:?}");
+    let (at, status) = cut_off_after.expect("the session was cut off");
+    assert!(at <= 6, "cut off only after {at} CONNECTs");
+    assert_eq!(status, 400);
+    assert!(
+        answered >= 3,
+        "the refusals were answered first ({answered})"
+    );
+
+    // Positive control: a polling client with a key joins and is not cut off.
+    let open = http()
+        .get(&base)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
+    let session = format!("{base}&sid={}", handshake["sid"].as_str().unwrap());
+    let connect = format!("40/acme,{}", json!({"apikey": GLOBAL_KEY}));
+    let sent = http().post(&session).body(connect).send().await.unwrap();
+    assert_eq!(sent.status(), 200);
+    let polled = http()
+        .get(&session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(polled.contains("40/acme,{\"sid\""), "{polled}");
+}
