@@ -407,3 +407,46 @@ async fn without_an_ack_the_call_still_happens() {
     assert_eq!(evolution.requests()[0].json()["text"], "fire and forget");
     js.shutdown().await;
 }
+
+/// The ack carries Evolution's body byte for byte (key order, number spelling), and
+/// Evolution gets the argument as the client wrote it, minus `requestId`: neither goes
+/// through a `serde_json::Value` (which sorts keys and turns 100000000000000000000 into
+/// 1e+20).
+#[tokio::test]
+async fn acks_and_arguments_pass_through_byte_for_byte() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.upstream.routes.insert(
+        "custom/raw".into(),
+        RouteSpec {
+            method: "POST".into(),
+            path: "/raw/{instance}".into(),
+        },
+    );
+    let app = spawn_app(config).await;
+    let mut socket = RawSocket::open(app.addr, "").await.unwrap();
+    let answer = socket
+        .connect("/acme", &json!({"apikey": GLOBAL_KEY}).to_string())
+        .await
+        .unwrap();
+    assert!(answer.starts_with("40/acme,"), "{answer}");
+    let argument = r#"{"zz":1,"requestId":"r-1","aa":100000000000000000000,"m":{"y":2,"x":1.0}}"#;
+    assert!(
+        socket
+            .send(format!(r#"42/acme,7["custom/raw",{argument}]"#))
+            .await
+    );
+    let ack = loop {
+        let frame = socket.next_text().await.expect("an ack");
+        if let Some(ack) = frame.strip_prefix("43/acme,7") {
+            break ack.to_owned();
+        }
+    };
+    assert_eq!(ack, format!(r#"[{{"status":201,"body":{RAW_ANSWER}}}]"#));
+    let sent = evolution.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        std::str::from_utf8(&sent[0].body).unwrap(),
+        r#"{"zz":1,"aa":100000000000000000000,"m":{"y":2,"x":1.0}}"#
+    );
+}

@@ -34,6 +34,10 @@ pub use sidecar::{Sidecar, eventually, free_port};
 pub const GLOBAL_KEY: &str = "global-key-0123";
 pub const ACME_TOKEN: &str = "acme-token-4567";
 pub const OTHER_TOKEN: &str = "other-token-8910";
+/// What the fake answers on `/raw/...`, byte for byte.
+pub const RAW_ANSWER: &str =
+    r#"{"status":201,"error":null,"response":{"zeta":1,"alpha":100000000000000000000,"n":1.50}}"#;
+
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
 // === The app ===
@@ -311,6 +315,15 @@ async fn record(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     }
     if parts.uri.path() == "/text" {
         return (StatusCode::OK, "plain text answer").into_response();
+    }
+    if parts.uri.path().starts_with("/raw/") {
+        // Keys unsorted and a number serde_json's `Value` would respell, as Evolution writes.
+        return (
+            StatusCode::CREATED,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            RAW_ANSWER,
+        )
+            .into_response();
     }
     let status = if parts.method == http::Method::POST {
         StatusCode::CREATED
