@@ -910,7 +910,9 @@ async fn read_body(
             return Err(Error::TooLarge { limit });
         }
         buffer.extend_from_slice(&data);
-        if buffer.len() >= INSTANCE_PREFIX
+        // With a limit this small the whole body is the prefix (checked when it ends).
+        if limit > INSTANCE_PREFIX as u64
+            && buffer.len() >= INSTANCE_PREFIX
             && let Some(check) = early.take()
             && let Err(err) = check(&buffer[..INSTANCE_PREFIX], false)
         {
