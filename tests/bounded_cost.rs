@@ -710,6 +710,13 @@ async fn a_forged_instance_credential_costs_no_body() {
     );
 }
 
+/// Opens a polling session; its URL with `sid`.
+async fn polling_session(base: &str) -> String {
+    let open = http().get(base).send().await.unwrap().text().await.unwrap();
+    let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
+    format!("{base}&sid={}", handshake["sid"].as_str().unwrap())
+}
+
 /// Row 2 over polling: a polling transport is many HTTP requests, so closing one TCP
 /// connection ends nothing; after four refused CONNECTs the session's next requests are
 /// refused (`400 {"code":1}`), and engineioxide drops it at its heartbeat.
@@ -718,16 +725,7 @@ async fn a_polling_session_sending_refused_connects_is_cut_off() {
     let evolution = FakeEvolution::start().await;
     let sidecar = Sidecar::start(&env(&evolution, &[("SIDECAR_HANDSHAKE_RATE_PER_IP", "0")])).await;
     let base = sidecar.url("/socket.io/?EIO=4&transport=polling");
-    let open = http()
-        .get(&base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
-    let session = format!("{base}&sid={}", handshake["sid"].as_str().unwrap());
+    let session = polling_session(&base).await;
     let mut answered = 0;
     let mut cut_off_after = None;
     for i in 0..20 {
@@ -763,16 +761,7 @@ async fn a_polling_session_sending_refused_connects_is_cut_off() {
     );
 
     // Positive control: a polling client with a key joins and is not cut off.
-    let open = http()
-        .get(&base)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
-    let session = format!("{base}&sid={}", handshake["sid"].as_str().unwrap());
+    let session = polling_session(&base).await;
     let connect = format!("40/acme,{}", json!({"apikey": GLOBAL_KEY}));
     let sent = http().post(&session).body(connect).send().await.unwrap();
     assert_eq!(sent.status(), 200);

@@ -60,33 +60,29 @@ impl RawSocket {
     }
 
     pub async fn next_text_within(&mut self, patience: Duration) -> Option<String> {
-        loop {
-            let frame = tokio::time::timeout(patience, self.ws.next())
-                .await
-                .expect("a frame in time")?;
-            match frame {
-                Ok(Message::Text(text)) if text.as_str() == "2" => {
-                    let _ = self.ws.send(Message::text("3")).await;
-                }
-                Ok(Message::Text(text)) => return Some(text.as_str().to_owned()),
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
+        self.receive(patience).await.expect("a frame in time")
     }
 
     /// The next text frame within `patience`, or `None` when none came (or it closed).
     pub async fn next_text_within_or_none(&mut self, patience: Duration) -> Option<String> {
+        self.receive(patience).await.ok().flatten()
+    }
+
+    /// The next text frame, answering pings: `Ok(None)` once closed, `Err` on a timeout.
+    async fn receive(
+        &mut self,
+        patience: Duration,
+    ) -> Result<Option<String>, tokio::time::error::Elapsed> {
         loop {
-            let frame = tokio::time::timeout(patience, self.ws.next())
-                .await
-                .ok()??;
+            let Some(frame) = tokio::time::timeout(patience, self.ws.next()).await? else {
+                return Ok(None);
+            };
             match frame {
                 Ok(Message::Text(text)) if text.as_str() == "2" => {
                     let _ = self.ws.send(Message::text("3")).await;
                 }
-                Ok(Message::Text(text)) => return Some(text.as_str().to_owned()),
-                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(Message::Text(text)) => return Ok(Some(text.as_str().to_owned())),
+                Ok(Message::Close(_)) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
         }
