@@ -20,8 +20,6 @@
 //! per-IP bucket); keys over [`MAX_KEY_BYTES`] are refused without one. The cache is
 //! bounded by [`MAX_CACHE_BYTES`] and expires entries by age, oldest first.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +34,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Secret;
 use crate::envelope::InstanceName;
+use crate::expiring;
 use crate::sio_request::{self, key_from_request};
 use crate::telemetry::names;
 
@@ -146,106 +145,54 @@ impl LookupBudget for Unmetered {
     }
 }
 
-struct CacheEntry {
-    answer: OnceCell<Result<Principal, Error>>,
-    created: Instant,
-    /// What this entry counts towards [`MAX_CACHE_BYTES`] (the answer is added once known).
-    bytes: AtomicUsize,
-}
+/// A cached answer: being looked up (empty) or known.
+type Answer = OnceCell<Result<Principal, Error>>;
 
-impl CacheEntry {
-    fn is_fresh(&self, ttl: Duration, now: Instant) -> bool {
-        match self.answer.get() {
-            // Still being looked up: join it.
-            None => true,
-            Some(Err(Error::Unavailable(_))) => now.duration_since(self.created) < UNAVAILABLE_TTL,
-            Some(_) => now.duration_since(self.created) < ttl,
-        }
+type CacheEntry = expiring::Slot<Answer>;
+
+fn is_fresh(entry: &CacheEntry, ttl: Duration, now: Instant) -> bool {
+    match entry.value.get() {
+        // Still being looked up: join it.
+        None => true,
+        Some(Err(Error::Unavailable(_))) => now.duration_since(entry.created) < UNAVAILABLE_TTL,
+        Some(_) => now.duration_since(entry.created) < ttl,
     }
 }
 
-/// Answers by key, bounded by bytes and expired by age: entries leave in the order they
-/// were made (a queue), so expiry and eviction cost O(1) per entry.
-#[derive(Default)]
-struct Cache {
-    entries: HashMap<Arc<str>, Arc<CacheEntry>>,
-    order: VecDeque<(Arc<str>, Arc<CacheEntry>)>,
-    bytes: usize,
+/// Answers by key, bounded by bytes and expired by age ([`expiring::ExpiringMap`]).
+struct Cache(expiring::ExpiringMap<Arc<str>, Answer>);
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self(expiring::ExpiringMap::new(MAX_CACHE_BYTES))
+    }
+}
+
+impl std::ops::Deref for Cache {
+    type Target = expiring::ExpiringMap<Arc<str>, Answer>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cache {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Cache {
     fn get_fresh(&self, key: &str, ttl: Duration, now: Instant) -> Option<Arc<CacheEntry>> {
-        self.entries
+        self.0
             .get(key)
-            .filter(|entry| entry.is_fresh(ttl, now))
+            .filter(|entry| is_fresh(entry, ttl, now))
             .cloned()
     }
 
+    /// A new entry for `key`, its answer to come; counts the key's bytes.
     fn insert(&mut self, key: &str, now: Instant) -> Arc<CacheEntry> {
-        let key: Arc<str> = Arc::from(key);
         let bytes = ENTRY_OVERHEAD + key.len();
-        let entry = Arc::new(CacheEntry {
-            answer: OnceCell::new(),
-            created: now,
-            bytes: AtomicUsize::new(bytes),
-        });
-        self.bytes += bytes;
-        if let Some(old) = self.entries.insert(key.clone(), entry.clone()) {
-            // The stale entry's queue slot stays until it reaches the front; its bytes go now.
-            self.bytes -= old.bytes.swap(0, Ordering::Relaxed);
-        }
-        self.order.push_back((key, entry.clone()));
-        entry
-    }
-
-    /// Drops entries older than `lifetime` and, past the byte bound, the oldest ones.
-    fn expire(&mut self, lifetime: Duration, now: Instant) {
-        while let Some((_, oldest)) = self.order.front() {
-            let expired = now.duration_since(oldest.created) >= lifetime;
-            if !expired && self.bytes <= MAX_CACHE_BYTES {
-                break;
-            }
-            let Some((key, entry)) = self.order.pop_front() else {
-                break;
-            };
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|current| Arc::ptr_eq(current, &entry))
-            {
-                self.entries.remove(&key);
-            }
-            self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Drops one key's entry now (its queue slot frees nothing twice).
-    fn remove(&mut self, key: &str) {
-        if let Some(entry) = self.entries.remove(key) {
-            self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Drops every entry `doomed` picks; returns how many.
-    fn remove_where(&mut self, doomed: impl Fn(&CacheEntry) -> bool) -> usize {
-        let keys: Vec<Arc<str>> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| doomed(entry))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &keys {
-            self.remove(key);
-        }
-        keys.len()
-    }
-
-    /// Counts an answer's bytes, unless its entry was evicted meanwhile.
-    fn account(&mut self, entry: &CacheEntry, extra: usize) {
-        if entry.bytes.load(Ordering::Relaxed) > 0 {
-            entry.bytes.fetch_add(extra, Ordering::Relaxed);
-            self.bytes += extra;
-        }
+        self.0.insert(Arc::from(key), OnceCell::new(), bytes, now)
     }
 }
 
@@ -300,7 +247,7 @@ impl Authenticator {
             return Ok(Principal::Global);
         }
         let (entry, ours) = self.entry(key, budget)?;
-        let answer = entry.answer.get_or_init(|| self.lookup(key)).await.clone();
+        let answer = entry.value.get_or_init(|| self.lookup(key)).await.clone();
         if ours {
             let extra = match &answer {
                 Ok(Principal::Instances(names)) => {
@@ -327,7 +274,7 @@ impl Authenticator {
         }
         let answer = self.lookup(key).await;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = cache.entries.get(key).and_then(|entry| entry.answer.get());
+        let cached = cache.get(key).and_then(|entry| entry.value.get());
         let stale = match (&answer, cached) {
             (Err(Error::Unavailable(_)), _) | (_, None) => false,
             (Ok(fresh), Some(Ok(cached))) => fresh != cached,
@@ -344,7 +291,7 @@ impl Authenticator {
     /// CONNECT of any of its tokens asks Evolution again. Returns how many went.
     pub fn invalidate_instance(&self, instance: &InstanceName) -> usize {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.remove_where(|entry| match entry.answer.get() {
+        cache.remove_where(|answer| match answer.get() {
             None => true,
             Some(Ok(Principal::Instances(names))) => names.contains(instance),
             Some(_) => false,
@@ -374,7 +321,7 @@ impl Authenticator {
     /// Keys cached now and the bytes they count (for tests and metrics).
     pub fn cache_size(&self) -> (usize, usize) {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        (cache.entries.len(), cache.bytes)
+        (cache.len(), cache.bytes())
     }
 
     async fn lookup(&self, key: &str) -> Result<Principal, Error> {
@@ -547,15 +494,15 @@ mod tests {
         cache.insert("a", start);
         cache.insert("b", start + Duration::from_secs(30));
         cache.expire(ttl, start + Duration::from_secs(59));
-        assert_eq!(cache.entries.len(), 2);
+        assert_eq!(cache.len(), 2);
         cache.expire(ttl, start + Duration::from_secs(61));
-        assert!(!cache.entries.contains_key("a") && cache.entries.contains_key("b"));
+        assert!(cache.get("a").is_none() && cache.get("b").is_some());
         // A refreshed key keeps one entry; its stale queue slot frees nothing twice.
         cache.insert("b", start + Duration::from_secs(62));
-        assert_eq!(cache.bytes, ENTRY_OVERHEAD + 1);
+        assert_eq!(cache.bytes(), ENTRY_OVERHEAD + 1);
         cache.expire(ttl, start + Duration::from_secs(95));
-        assert_eq!(cache.entries.len(), 1, "the fresh b stays");
-        assert_eq!(cache.bytes, ENTRY_OVERHEAD + 1);
+        assert_eq!(cache.len(), 1, "the fresh b stays");
+        assert_eq!(cache.bytes(), ENTRY_OVERHEAD + 1);
 
         // Past the byte bound the oldest entries go, whatever their age.
         let now = start + Duration::from_secs(100);
@@ -565,12 +512,12 @@ mod tests {
             cache.insert(&format!("{key}{i:08}"), now);
             cache.expire(ttl, now);
         }
-        assert!(cache.bytes <= MAX_CACHE_BYTES, "{}", cache.bytes);
-        assert!(cache.entries.len() >= fits - 1 && cache.entries.len() <= fits + 1);
+        assert!(cache.bytes() <= MAX_CACHE_BYTES, "{}", cache.bytes());
+        assert!(cache.len() >= fits - 1 && cache.len() <= fits + 1);
         assert!(
             cache
-                .entries
-                .contains_key(format!("{key}{:08}", fits * 2 - 1).as_str())
+                .get(format!("{key}{:08}", fits * 2 - 1).as_str())
+                .is_some()
         );
     }
 }

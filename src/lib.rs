@@ -18,6 +18,7 @@
 //! - [`replay`]: retained events per namespace, offsets, state for late joiners.
 //! - [`cluster`]: with Redis, one shared stream for fan-out and retention across replicas.
 //! - [`sio_request`]: what a socket.io request says: its session id, query and key.
+//! - [`expiring`]: a map whose entries leave by age and, past a byte bound, oldest first.
 //! - [`json_object`]: a JSON object's top-level entries, raw, in order.
 //! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
 //! - [`telemetry`]: logs and health.
@@ -33,6 +34,7 @@ pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod envelope;
+pub mod expiring;
 pub mod guard;
 pub mod hub;
 pub mod inspector;

@@ -7,7 +7,9 @@
 //! reads the query exactly as engineioxide 0.17 does (the first `sid=` parameter, not
 //! decoded, 16 URL-safe base64 characters), and everything else is a handshake.
 //!
-//! This module is a leaf: it knows nothing of the other modules.
+//! It knows nothing of the other modules but the `expiring` map.
+
+use crate::expiring::ExpiringMap;
 
 /// An Engine.IO session id as engineioxide accepts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +72,8 @@ pub fn key_from_request(parts: &http::request::Parts) -> Option<String> {
 /// heartbeat goes unanswered. Bounded in entries; an entry expires after `ttl`.
 pub struct ClosedSessions {
     ttl: std::time::Duration,
-    inner: std::sync::Mutex<ClosedInner>,
-}
-
-#[derive(Default)]
-struct ClosedInner {
-    sids: std::collections::HashSet<String>,
-    order: std::collections::VecDeque<(std::time::Instant, String)>,
+    /// Session id → nothing; each counts one "byte", so the bound is in entries.
+    sids: std::sync::Mutex<ExpiringMap<String, ()>>,
 }
 
 /// The most ended sessions remembered at once (16-byte ids: about 2 MiB).
@@ -86,44 +83,26 @@ impl ClosedSessions {
     pub fn new(ttl: std::time::Duration) -> Self {
         Self {
             ttl,
-            inner: Default::default(),
+            sids: std::sync::Mutex::new(ExpiringMap::new(MAX_CLOSED_SESSIONS)),
         }
     }
 
     pub fn close(&self, sid: &str) {
         let now = std::time::Instant::now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.expire(now, self.ttl);
-        if inner.sids.len() >= MAX_CLOSED_SESSIONS
-            && let Some((_, oldest)) = inner.order.pop_front()
-        {
-            inner.sids.remove(&oldest);
+        let mut sids = self.sids.lock().unwrap_or_else(|e| e.into_inner());
+        if sids.get(sid).is_none() {
+            sids.insert(sid.to_owned(), (), 1, now);
         }
-        if inner.sids.insert(sid.to_owned()) {
-            inner.order.push_back((now, sid.to_owned()));
-        }
+        sids.expire(self.ttl, now);
     }
 
     pub fn is_closed(&self, sid: SessionId<'_>) -> bool {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.sids.is_empty() {
+        let mut sids = self.sids.lock().unwrap_or_else(|e| e.into_inner());
+        if sids.is_empty() {
             return false;
         }
-        inner.expire(std::time::Instant::now(), self.ttl);
-        inner.sids.contains(sid.as_str())
-    }
-}
-
-impl ClosedInner {
-    fn expire(&mut self, now: std::time::Instant, ttl: std::time::Duration) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < ttl {
-                break;
-            }
-            if let Some((_, sid)) = self.order.pop_front() {
-                self.sids.remove(&sid);
-            }
-        }
+        sids.expire(self.ttl, std::time::Instant::now());
+        sids.get(sid.as_str()).is_some()
     }
 }
 

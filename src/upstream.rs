@@ -16,7 +16,7 @@
 //! | upstream timed out               | `{"status":504,"error":...}`   |
 //! | any upstream answer              | `{"status":N,"body":...}`      |
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use tokio::sync::OnceCell;
 
 use crate::config;
 use crate::envelope::InstanceName;
+use crate::expiring;
 use crate::json_object;
 use crate::telemetry::names;
 
@@ -426,71 +427,37 @@ const REMEMBERED_OVERHEAD: usize = 192;
 
 type MemoKey = (InstanceName, String, String);
 
-struct Remembered {
-    reply: OnceCell<AckReply>,
-    created: Instant,
-    /// What this entry counts towards [`MAX_REMEMBERED_BYTES`].
-    bytes: AtomicUsize,
-}
+/// A remembered answer: being called (empty) or known.
+type Remembered = expiring::Slot<OnceCell<AckReply>>;
 
-/// Answers by requestId, expired by age and bounded by bytes through an arrival-order
-/// queue, as the key cache in `auth` is.
-#[derive(Default)]
-struct Memo {
-    entries: HashMap<MemoKey, Arc<Remembered>>,
-    order: VecDeque<(MemoKey, Arc<Remembered>)>,
-    bytes: usize,
-}
+/// Answers by requestId, expired after [`IDEMPOTENCY_WINDOW`] and bounded by
+/// [`MAX_REMEMBERED_BYTES`] ([`expiring::ExpiringMap`], as the key cache in `auth`).
+struct Memo(expiring::ExpiringMap<MemoKey, OnceCell<AckReply>>);
 
 impl Memo {
+    fn new() -> Self {
+        Self(expiring::ExpiringMap::new(MAX_REMEMBERED_BYTES))
+    }
+
+    /// The entry for `key`, made (its answer to come) if there is none.
     fn entry(&mut self, key: &MemoKey, now: Instant) -> Arc<Remembered> {
-        self.expire(now);
-        if let Some(entry) = self.entries.get(key) {
+        self.0.expire(IDEMPOTENCY_WINDOW, now);
+        if let Some(entry) = self.0.get(key) {
             return entry.clone();
         }
         let bytes = REMEMBERED_OVERHEAD + key.0.as_str().len() + key.1.len() + key.2.len();
-        let entry = Arc::new(Remembered {
-            reply: OnceCell::new(),
-            created: now,
-            bytes: AtomicUsize::new(bytes),
-        });
-        self.bytes += bytes;
-        self.entries.insert(key.clone(), entry.clone());
-        self.order.push_back((key.clone(), entry.clone()));
-        self.expire(now);
+        let entry = self.0.insert(key.clone(), OnceCell::new(), bytes, now);
+        self.0.expire(IDEMPOTENCY_WINDOW, now);
         entry
     }
 
-    fn expire(&mut self, now: Instant) {
-        while let Some((_, oldest)) = self.order.front() {
-            let expired = now.duration_since(oldest.created) >= IDEMPOTENCY_WINDOW;
-            if !expired && self.bytes <= MAX_REMEMBERED_BYTES {
-                break;
-            }
-            let Some((key, entry)) = self.order.pop_front() else {
-                break;
-            };
-            self.forget(&key, &entry);
-        }
-    }
-
     fn forget(&mut self, key: &MemoKey, entry: &Arc<Remembered>) {
-        if self
-            .entries
-            .get(key)
-            .is_some_and(|current| Arc::ptr_eq(current, entry))
-        {
-            self.entries.remove(key);
-        }
-        self.bytes -= entry.bytes.swap(0, Ordering::Relaxed);
+        self.0.remove_slot(key, entry);
     }
 
     /// Counts a reply's bytes, unless its entry was evicted meanwhile.
     fn account(&mut self, entry: &Remembered, extra: usize) {
-        if entry.bytes.load(Ordering::Relaxed) > 0 {
-            entry.bytes.fetch_add(extra, Ordering::Relaxed);
-            self.bytes += extra;
-        }
+        self.0.account(entry, extra);
     }
 }
 
@@ -547,7 +514,7 @@ impl Upstream {
                 .unwrap_or(usize::MAX),
             max_bytes: usize::try_from(config.max_bytes_in_flight).unwrap_or(usize::MAX),
             bytes_in_flight: AtomicUsize::new(0),
-            remembered: Mutex::new(Memo::default()),
+            remembered: Mutex::new(Memo::new()),
             active: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),
@@ -614,7 +581,7 @@ impl Upstream {
         let mut whole = None;
         let (ran_ref, whole_ref) = (&mut ran, &mut whole);
         let kept = remembered
-            .reply
+            .value
             .get_or_init(|| async move {
                 *ran_ref = true;
                 let reply = self.call(plan, instance, caller.key).await;
@@ -660,7 +627,7 @@ impl Upstream {
     /// `requestId`s remembered now and the bytes they count (tests, metrics).
     pub fn remembered_size(&self) -> (usize, usize) {
         let memo = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        (memo.entries.len(), memo.bytes)
+        (memo.0.len(), memo.0.bytes())
     }
 
     async fn call(&self, plan: Plan, instance: &InstanceName, key: &str) -> AckReply {
