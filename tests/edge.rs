@@ -140,6 +140,19 @@ async fn websocket(
     socket
 }
 
+/// [`websocket`] from the loopback address `from`.
+async fn websocket_from(
+    from: IpAddr,
+    addr: SocketAddr,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let tcp = connect_from(from, addr).await;
+    let (mut socket, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    let open = socket.next().await.unwrap().unwrap();
+    assert!(open.to_text().unwrap().starts_with("0{"), "{open:?}");
+    socket
+}
+
 // === Row 6: header-read and idle timeouts, connection caps ===
 
 #[tokio::test]
@@ -387,11 +400,14 @@ async fn an_upgraded_websocket_stays_counted_until_it_closes() {
         None,
     )
     .await;
+    // From an address of their own: the start-up probe's kept-alive connection (from
+    // 127.0.0.1, in the shared client's pool) must not take one of the three slots.
+    let client = ip("127.0.0.4");
     let mut sockets = Vec::new();
     for _ in 0..3 {
-        sockets.push(websocket(sidecar.addr).await);
+        sockets.push(websocket_from(client, sidecar.addr).await);
     }
-    let mut fourth = vec![TcpStream::connect(sidecar.addr).await.unwrap()];
+    let mut fourth = vec![connect_from(client, sidecar.addr).await];
     let refused = closed_count(&mut fourth, Duration::from_millis(1500)).await;
     assert_eq!(
         refused, 1,
@@ -402,7 +418,7 @@ async fn an_upgraded_websocket_stays_counted_until_it_closes() {
     closing.close(None).await.unwrap();
     while closing.next().await.is_some() {}
     eventually("a closed websocket releases its count", || async {
-        let mut probe = vec![TcpStream::connect(sidecar.addr).await.unwrap()];
+        let mut probe = vec![connect_from(client, sidecar.addr).await];
         closed_count(&mut probe, Duration::from_millis(300)).await == 0
     })
     .await;
