@@ -28,15 +28,17 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
 use crate::cluster::Cluster;
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::guard::{self, Guard};
+use crate::health::{self, Health};
 use crate::hub::{self, Hub};
 use crate::inspector;
 use crate::peer::TrustedProxies;
 use crate::proxy::{self, Proxy};
 use crate::replay;
 use crate::server;
-use crate::telemetry::{self, Health};
+use crate::setting;
+use crate::telemetry;
 use crate::upstream::Upstream;
 use crate::webhook::{self, Webhook};
 
@@ -59,7 +61,7 @@ pub struct App {
 
 impl App {
     /// Validates the configuration and builds every part.
-    pub fn build(config: &Config) -> Result<Self, config::Error> {
+    pub fn build(config: &Config) -> Result<Self, setting::Error> {
         config.validate()?;
         let draining = Arc::new(AtomicBool::new(false));
         let auth = Arc::new(Authenticator::new(
@@ -82,13 +84,7 @@ impl App {
             hub.clone(),
             draining.clone(),
         )?);
-        let trusted = TrustedProxies::parse(&config.guard.trusted_proxies).map_err(|err| {
-            config::invalid(
-                "guard.trusted_proxies",
-                &config.guard.trusted_proxies.join(","),
-                err,
-            )
-        })?;
+        let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
         let guard = Arc::new(Guard::new(
             &config.guard,
@@ -126,8 +122,8 @@ impl App {
             .route(&format!("{webhook_path}/{{*rest}}"), post(webhook::ingest))
             .with_state(webhook);
         let mut sidecar = Router::new()
-            .route("/_sidecar/healthz", get(telemetry::healthz))
-            .route("/_sidecar/readyz", get(telemetry::readyz))
+            .route("/_sidecar/healthz", get(health::healthz))
+            .route("/_sidecar/readyz", get(health::readyz))
             .with_state(health)
             .route("/_sidecar", any(not_found))
             .route("/_sidecar/{*rest}", any(not_found));

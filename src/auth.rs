@@ -32,9 +32,9 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 
-use crate::config::Secret;
 use crate::envelope::InstanceName;
 use crate::expiring;
+use crate::setting::Secret;
 use crate::sio_request::{self, key_from_request};
 use crate::telemetry::names;
 
@@ -48,6 +48,19 @@ pub struct Config {
     pub token_cache_ttl_secs: u64,
     /// The longest a handshake waits for the upstream to say who a key is.
     pub lookup_timeout_secs: u64,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), crate::setting::Error> {
+        if self.lookup_timeout_secs == 0 {
+            return Err(crate::setting::invalid(
+                "auth.lookup_timeout_secs",
+                &0,
+                "must be positive: a lookup that may take no time always fails",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -206,14 +219,15 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: &Config, upstream_url: &str) -> Result<Self, crate::config::Error> {
-        let timeout = Duration::from_secs(config.lookup_timeout_secs.max(1));
+    pub fn new(config: &Config, upstream_url: &str) -> Result<Self, crate::setting::Error> {
+        config.validate()?;
+        let timeout = Duration::from_secs(config.lookup_timeout_secs);
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(timeout)
             .timeout(timeout)
             .build()
-            .map_err(|err| crate::config::Error::new(format!("http client: {err}")))?;
+            .map_err(|err| crate::setting::Error::startup(format!("http client: {err}")))?;
         Ok(Self {
             // An empty global key never matches.
             global: config

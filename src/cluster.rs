@@ -25,8 +25,8 @@ use redis::streams::StreamReadReply;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::config::{self, Secret};
 use crate::envelope::{Envelope, EventName, InstanceName};
+use crate::setting::{self, Secret};
 
 /// Redis settings; no URL means one process with everything in memory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,14 +48,14 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         if let Some(url) = &self.url
             && redis::Client::open(url.expose()).is_err()
         {
-            return Err(config::invalid("redis.url", &"***", "not a redis:// URL"));
+            return Err(setting::invalid("redis.url", &"***", "not a redis:// URL"));
         }
         if self.timeout_ms == 0 {
-            return Err(config::invalid("redis.timeout_ms", &0, "must be positive"));
+            return Err(setting::invalid("redis.timeout_ms", &0, "must be positive"));
         }
         Ok(())
     }
@@ -114,7 +114,7 @@ pub struct Delivery {
 
 impl Cluster {
     /// Connects lazily: a replica starts even while Redis is down.
-    pub fn new(config: &Config, retention: Duration) -> Result<Option<Arc<Self>>, config::Error> {
+    pub fn new(config: &Config, retention: Duration) -> Result<Option<Arc<Self>>, setting::Error> {
         config.validate()?;
         let Some(url) = &config.url else {
             return Ok(None);
@@ -122,14 +122,14 @@ impl Cluster {
         let timeout = Duration::from_millis(config.timeout_ms);
         let manager = |response_timeout: Duration| {
             let client = redis::Client::open(url.expose())
-                .map_err(|_| config::invalid("redis.url", &"***", "not a redis:// URL"))?;
+                .map_err(|_| setting::invalid("redis.url", &"***", "not a redis:// URL"))?;
             let settings = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(response_timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(2));
             ConnectionManager::new_lazy_with_config(client, settings)
-                .map_err(|err| config::Error::new(format!("redis: {err}")))
+                .map_err(|err| setting::Error::startup(format!("redis: {err}")))
         };
         Ok(Some(Arc::new(Self {
             writer: manager(timeout)?,

@@ -10,16 +10,17 @@
 //! (`"true"`, `"1200"`), while the TOML file is typed.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::{auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook};
+
+pub use crate::setting::{Error, Secret};
 
 pub const ENV_CONFIG: &str = "SIDECAR_CONFIG";
 pub const ENV_LISTEN: &str = "SIDECAR_LISTEN";
@@ -200,17 +201,6 @@ impl Default for Config {
     }
 }
 
-/// A configuration problem, reported as one line naming the variable or key.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Error(String);
-
-impl Error {
-    pub fn new(message: impl Into<String>) -> Self {
-        Self(message.into())
-    }
-}
-
 /// Values given as command-line flags: the top layer, keyed like the TOML file.
 pub type Overrides = BTreeMap<&'static str, String>;
 
@@ -244,14 +234,20 @@ impl Config {
 
     /// Checks that figment's types cannot express, naming the variable.
     pub fn validate(&self) -> Result<(), Error> {
-        self.upstream.validate()?;
-        self.hub.validate()?;
-        self.webhook.validate()?;
-        self.replay.validate()?;
-        self.redis.validate()?;
-        self.guard.validate()?;
-        self.server.validate()?;
-        Ok(())
+        let sections = [
+            self.upstream.validate(),
+            self.auth.validate(),
+            self.hub.validate(),
+            self.webhook.validate(),
+            self.replay.validate(),
+            self.redis.validate(),
+            self.guard.validate(),
+            self.server.validate(),
+        ];
+        sections
+            .into_iter()
+            .collect::<Result<(), Error>>()
+            .map_err(name_variable)
     }
 
     /// The effective configuration as TOML, with secrets masked.
@@ -261,16 +257,15 @@ impl Config {
     }
 }
 
-/// The message for an invalid value: `NAME (key)="value" is not valid: reason`, naming
-/// both the variable and the TOML key, since the value may come from either.
-pub fn invalid(key: &str, value: &dyn fmt::Display, reason: impl fmt::Display) -> Error {
-    match ENV_VARS.iter().find(|var| var.key == key) {
-        Some(var) => Error::new(format!(
-            "{} ({key})=\"{value}\" is not valid: {reason}",
-            var.name
-        )),
-        None => Error::new(format!("{key}=\"{value}\" is not valid: {reason}")),
-    }
+/// Names the environment variable in an invalid value's message:
+/// `NAME (key)="value" is not valid: reason`, since the value may come from either.
+pub fn name_variable(err: Error) -> Error {
+    err.with_variable(|key| {
+        ENV_VARS
+            .iter()
+            .find(|var| var.key == key)
+            .map(|var| var.name)
+    })
 }
 
 /// The command-line flag of each key that has one.
@@ -396,87 +391,6 @@ fn insert_path(dict: &mut Dict, path: &str, value: Value) {
                 insert_path(inner, rest, value);
             }
         }
-    }
-}
-
-// === Value types shared by the sections ===
-
-/// A secret string: its `Debug` and serialized forms are `***`, so it cannot reach a log.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str("***")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // An environment value such as `123456` arrives as a number: keep its text.
-        struct SecretVisitor;
-        impl serde::de::Visitor<'_> for SecretVisitor {
-            type Value = Secret;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_owned()))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-        }
-        deserializer.deserialize_any(SecretVisitor)
-    }
-}
-
-/// Serde helpers for comma-separated lists: `"A, B"` in the environment, `["A","B"]` in TOML.
-pub mod comma_list {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        Text(String),
-        List(Vec<String>),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<String>, D::Error> {
-        let items = match Either::deserialize(deserializer)? {
-            Either::Text(text) => text.split(',').map(str::to_owned).collect(),
-            Either::List(list) => list,
-        };
-        Ok(items
-            .into_iter()
-            .map(|item| item.trim().to_owned())
-            .filter(|item| !item.is_empty())
-            .collect())
-    }
-
-    pub fn serialize<S: Serializer>(items: &[String], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(items)
     }
 }
 

@@ -36,8 +36,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Budget, LookupBudget};
-use crate::config::{self, comma_list};
 use crate::peer::bucket;
+use crate::setting::{self, comma_list};
 use crate::sio_request;
 use crate::telemetry::names;
 
@@ -68,26 +68,13 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         self.proxies()?;
         Ok(())
     }
 
-    fn proxies(&self) -> Result<Vec<IpNet>, config::Error> {
-        self.trusted_proxies
-            .iter()
-            .map(|text| {
-                text.parse::<IpNet>()
-                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|err| {
-                        config::invalid(
-                            "guard.trusted_proxies",
-                            &self.trusted_proxies.join(","),
-                            err,
-                        )
-                    })
-            })
-            .collect()
+    fn proxies(&self) -> Result<Vec<IpNet>, setting::Error> {
+        setting::cidr_list("guard.trusted_proxies", &self.trusted_proxies)
     }
 }
 
@@ -110,7 +97,7 @@ impl Guard {
         config: &Config,
         connected: Arc<AtomicUsize>,
         closed: Arc<sio_request::ClosedSessions>,
-    ) -> Result<Self, config::Error> {
+    ) -> Result<Self, setting::Error> {
         let limiter = NonZeroU32::new(config.handshake_rate_per_ip).map(|rate| {
             let burst = NonZeroU32::new(
                 config

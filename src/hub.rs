@@ -27,11 +27,11 @@ use socketioxide::{SocketIo, TransportType};
 
 use crate::auth::{self, Authenticator, Principal};
 use crate::cluster::Cluster;
-use crate::config::{self, Secret, comma_list};
 use crate::dedupe::Dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
 use crate::server;
+use crate::setting::{self, Secret, comma_list};
 use crate::sio_request;
 use crate::telemetry::{NamespaceLabels, names};
 use crate::upstream::{self, Upstream};
@@ -79,19 +79,31 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         if let Some(bad) = self.events.iter().find(|e| !envelope::is_filter_name(e)) {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "hub.events",
                 &self.events.join(","),
                 format!("{bad:?} is not an UPPER_SNAKE event name such as MESSAGES_UPSERT"),
             ));
         }
+        for (key, secs) in [
+            ("hub.ping_interval_secs", self.ping_interval_secs),
+            ("hub.ping_timeout_secs", self.ping_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(setting::invalid(key, &0, "must be positive"));
+            }
+        }
         if self.socket_buffer == 0 {
-            return Err(config::invalid("hub.socket_buffer", &0, "must be positive"));
+            return Err(setting::invalid(
+                "hub.socket_buffer",
+                &0,
+                "must be positive",
+            ));
         }
         if self.max_emit_bytes < 1024 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "hub.max_emit_bytes",
                 &self.max_emit_bytes,
                 "must be at least 1024",
@@ -99,7 +111,7 @@ impl Config {
         }
         for origin in &self.cors_origin {
             if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
-                return Err(config::invalid(
+                return Err(setting::invalid(
                     "hub.cors_origin",
                     &self.cors_origin.join(","),
                     format!("{origin:?} is not a valid origin"),
@@ -311,7 +323,7 @@ impl Hub {
         replay: Arc<replay::Store>,
         cluster: Option<Arc<Cluster>>,
         dedupe_window: Duration,
-    ) -> Result<(SocketIoLayer, Hub), config::Error> {
+    ) -> Result<(SocketIoLayer, Hub), setting::Error> {
         config.validate()?;
         let connected = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
@@ -335,8 +347,8 @@ impl Hub {
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
             .max_payload(config.max_emit_bytes)
-            .ping_interval(Duration::from_secs(config.ping_interval_secs.max(1)))
-            .ping_timeout(Duration::from_secs(config.ping_timeout_secs.max(1)))
+            .ping_interval(Duration::from_secs(config.ping_interval_secs))
+            .ping_timeout(Duration::from_secs(config.ping_timeout_secs))
             .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
             // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
             .ws_read_buffer_size(WS_READ_BUFFER)
@@ -350,7 +362,7 @@ impl Hub {
         // `/{instance}` does not match `/`: the global namespace is its own.
         io.ns("/", on_connect.with(authorize));
         io.dyn_ns("/{instance}", on_connect.with(authorize))
-            .map_err(|err| config::Error::new(format!("socket.io namespace: {err}")))?;
+            .map_err(|err| setting::Error::startup(format!("socket.io namespace: {err}")))?;
 
         let allowed_events = (!config.events.is_empty())
             .then(|| Arc::new(config.events.iter().cloned().collect::<HashSet<_>>()));

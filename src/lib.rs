@@ -21,10 +21,12 @@
 //! - [`expiring`]: a map whose entries leave by age and, past a byte bound, oldest first.
 //! - [`json_object`]: a JSON object's top-level entries, raw, in order.
 //! - [`dedupe`]: remembers accepted webhook bodies, so Evolution's retries emit once.
-//! - [`telemetry`]: logs and health.
+//! - [`telemetry`]: logs, metric names and the metrics endpoint.
+//! - [`health`]: `/_sidecar/healthz` and `/_sidecar/readyz`.
 //! - [`inspector`]: the live event inspector page, `/_sidecar/inspector`.
 //! - [`app`]: the router, its layer order, and graceful shutdown.
 //! - [`server`]: the accept loop: TCP connection caps, header/idle timeout, accept backoff.
+//! - [`setting`]: value types shared by every settings section (errors, secrets, lists).
 //! - [`peer`]: trusted proxies and the per-client key, shared by `server` and `proxy`.
 #![forbid(unsafe_code)]
 
@@ -36,6 +38,7 @@ pub mod dedupe;
 pub mod envelope;
 pub mod expiring;
 pub mod guard;
+pub mod health;
 pub mod hub;
 pub mod inspector;
 pub mod json_object;
@@ -43,6 +46,7 @@ pub mod peer;
 pub mod proxy;
 pub mod replay;
 pub mod server;
+pub mod setting;
 pub mod sio_request;
 pub mod telemetry;
 pub mod upstream;

@@ -167,7 +167,12 @@ fn serve(config: Config) -> ExitCode {
             Ok(app) => app,
             Err(err) => {
                 eprintln!("evo-realtime: {err}");
-                return ExitCode::from(EXIT_USAGE);
+                // Only the operator's configuration is a usage error.
+                return if err.is_config() {
+                    ExitCode::from(EXIT_USAGE)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
         };
         let listener = match bind(config.listen) {
@@ -194,7 +199,7 @@ fn serve(config: Config) -> ExitCode {
             webhook_path = %config.webhook.path,
             global_events = config.hub.global_events,
             metrics = %config.metrics_listen.map_or("/_sidecar/metrics".to_owned(), |a| a.to_string()),
-            mode = "memory",
+            mode = if config.redis.url.is_some() { "redis" } else { "memory" },
             "evo-realtime serving"
         );
         match app

@@ -6,21 +6,16 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use crate::setting;
+
 /// Peers whose forwarding headers are believed (`SIDECAR_TRUSTED_PROXIES`).
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
-    /// Parses `10.0.0.0/8` or a bare address per item.
-    pub fn parse(items: &[String]) -> Result<Self, ipnet::AddrParseError> {
-        items
-            .iter()
-            .map(|text| {
-                text.parse::<IpNet>()
-                    .or_else(|err| text.parse::<IpAddr>().map(IpNet::from).map_err(|_| err))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self)
+    /// Parses `10.0.0.0/8` or a bare address per item (`guard.trusted_proxies`).
+    pub fn parse(items: &[String]) -> Result<Self, setting::Error> {
+        setting::cidr_list("guard.trusted_proxies", items).map(Self)
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {

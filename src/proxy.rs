@@ -36,8 +36,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 
-use crate::config;
 use crate::peer::TrustedProxies;
+use crate::setting;
 use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +81,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &upstream::Config, trusted: TrustedProxies) -> Result<Self, config::Error> {
+    pub fn new(config: &upstream::Config, trusted: TrustedProxies) -> Result<Self, setting::Error> {
         config.validate()?;
         let uri: Uri = config
             .base_url()
             .parse()
-            .map_err(|err| config::invalid("upstream.url", &config.url, err))?;
+            .map_err(|err| setting::invalid("upstream.url", &config.url, err))?;
         if uri.scheme_str() != Some("http") {
             // The proxy runs beside Evolution in one pod or compose file: plain HTTP keeps
             // TLS off the hot path. Emits and key lookups (reqwest) do speak https.
@@ -104,7 +104,7 @@ impl Proxy {
             scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
             authority: parts
                 .authority
-                .ok_or_else(|| config::invalid("upstream.url", &config.url, "has no host"))?,
+                .ok_or_else(|| setting::invalid("upstream.url", &config.url, "has no host"))?,
             base_path: parts
                 .path_and_query
                 .map(|p| p.path().trim_end_matches('/').to_owned())

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use crate::config;
 use crate::envelope::{Envelope, EventName};
+use crate::setting;
 
 /// Retention bounds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,12 +51,16 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         if self.max_events == 0 {
-            return Err(config::invalid("replay.max_events", &0, "must be positive"));
+            return Err(setting::invalid(
+                "replay.max_events",
+                &0,
+                "must be positive",
+            ));
         }
         if self.max_bytes > self.max_total_bytes {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "replay.max_bytes",
                 &self.max_bytes,
                 "must not exceed replay.max_total_bytes",
@@ -133,7 +137,7 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(config: &Config) -> Result<Arc<Self>, config::Error> {
+    pub fn new(config: &Config) -> Result<Arc<Self>, setting::Error> {
         config.validate()?;
         Ok(Arc::new(Self {
             config: config.clone(),

@@ -43,8 +43,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt as _;
 
-use crate::config;
 use crate::peer::{self, TrustedProxies};
+use crate::setting;
 use crate::telemetry::names;
 
 /// Settings of the public (and metrics) listener.
@@ -73,9 +73,9 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         if self.header_timeout_secs == 0 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "server.header_timeout_secs",
                 &0,
                 "must be positive",

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 
-use crate::config;
 use crate::envelope::InstanceName;
 use crate::expiring;
 use crate::json_object;
+use crate::setting;
 use crate::telemetry::names;
 
 /// Settings of the upstream Evolution API.
@@ -66,55 +66,55 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         let uri: http::Uri = self
             .url
             .parse()
-            .map_err(|err| config::invalid("upstream.url", &self.url, err))?;
+            .map_err(|err| setting::invalid("upstream.url", &self.url, err))?;
         if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.url",
                 &self.url,
                 "must be an http:// or https:// URL with a host",
             ));
         }
         if uri.query().is_some() {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.url",
                 &self.url,
                 "must have no query",
             ));
         }
         if self.timeout_secs == 0 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.timeout_secs",
                 &0,
                 "must be positive",
             ));
         }
         if self.connect_timeout_secs == 0 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.connect_timeout_secs",
                 &0,
                 "must be positive",
             ));
         }
         if self.max_in_flight == 0 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.max_in_flight",
                 &0,
                 "must be positive",
             ));
         }
         if self.max_bytes_in_flight_per_socket < 1024 * 1024 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.max_bytes_in_flight_per_socket",
                 &self.max_bytes_in_flight_per_socket,
                 "must be at least 1 MiB",
             ));
         }
         if self.max_bytes_in_flight < self.max_bytes_in_flight_per_socket {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "upstream.max_bytes_in_flight",
                 &self.max_bytes_in_flight,
                 "must be at least upstream.max_bytes_in_flight_per_socket",
@@ -122,7 +122,7 @@ impl Config {
         }
         for (event, spec) in &self.routes {
             spec.validate().map_err(|why| {
-                config::Error::new(format!(
+                setting::Error::new(format!(
                     "route {event:?} in [upstream.routes] is not valid: {why}"
                 ))
             })?;
@@ -497,14 +497,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Self, config::Error> {
+    pub fn new(config: &Config) -> Result<Self, setting::Error> {
         config.validate()?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
             .timeout(Duration::from_secs(config.timeout_secs))
             .build()
-            .map_err(|err| config::Error::new(format!("http client: {err}")))?;
+            .map_err(|err| setting::Error::startup(format!("http client: {err}")))?;
         Ok(Self {
             http,
             base_url: config.base_url().to_owned(),

@@ -50,10 +50,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::config::{self, Secret, comma_list};
 use crate::dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
 use crate::hub::{Hub, Published};
+use crate::setting::{self, Secret, comma_list};
 use crate::telemetry::{self, names};
 
 /// Settings of the ingest endpoint.
@@ -108,24 +108,24 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), config::Error> {
+    pub fn validate(&self) -> Result<(), setting::Error> {
         let path = &self.path;
         if !path.starts_with("/") || path.len() < 2 || path.ends_with('/') || path.contains("//") {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.path",
                 path,
                 "must start with '/', not end with '/' and not be '/'",
             ));
         }
         if path.contains(['{', '}', '*', '?', '#']) {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.path",
                 path,
                 "may not contain '{', '}', '*', '?' or '#'",
             ));
         }
         if path == "/socket.io" || path.starts_with("/socket.io/") {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.path",
                 path,
                 "collides with /socket.io/",
@@ -133,7 +133,7 @@ impl Config {
         }
         self.cidrs()?;
         if http::HeaderName::from_bytes(self.secret_header.as_bytes()).is_err() {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.secret_header",
                 &self.secret_header,
                 "not a valid header name",
@@ -145,7 +145,7 @@ impl Config {
             ("webhook.secret", &self.secret),
         ] {
             if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
-                return Err(config::invalid(
+                return Err(setting::invalid(
                     key,
                     &"",
                     "must not be empty; unset it instead",
@@ -155,14 +155,14 @@ impl Config {
         if let Some(token) = &self.path_token
             && (token.expose().is_empty() || token.expose().contains(['/', '?', '#', '%']))
         {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.path_token",
                 &"***",
                 "must be non-empty and contain no '/', '?', '#' or '%'",
             ));
         }
         if self.max_body_bytes == 0 {
-            return Err(config::invalid(
+            return Err(setting::invalid(
                 "webhook.max_body_bytes",
                 &0,
                 "must be positive",
@@ -171,17 +171,8 @@ impl Config {
         Ok(())
     }
 
-    fn cidrs(&self) -> Result<Vec<IpNet>, config::Error> {
-        self.allowed_cidrs
-            .iter()
-            .map(|text| {
-                text.parse::<IpNet>()
-                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|err| {
-                        config::invalid("webhook.allowed_cidrs", &self.allowed_cidrs.join(","), err)
-                    })
-            })
-            .collect()
+    fn cidrs(&self) -> Result<Vec<IpNet>, setting::Error> {
+        setting::cidr_list("webhook.allowed_cidrs", &self.allowed_cidrs)
     }
 
     /// Whether any credential (JWT, header secret, path token) is configured.
@@ -219,11 +210,11 @@ pub fn instance_credential(master: &Secret, instance: &InstanceName) -> String {
 pub fn instance_headers(
     config: &Config,
     instance: &str,
-) -> Result<serde_json::Value, config::Error> {
+) -> Result<serde_json::Value, setting::Error> {
     let instance = InstanceName::parse(instance)
-        .map_err(|err| config::Error::new(format!("instance {instance:?} is not valid: {err}")))?;
+        .map_err(|err| setting::Error::new(format!("instance {instance:?} is not valid: {err}")))?;
     if config.credentials == CredentialMode::Shared {
-        return Err(config::invalid(
+        return Err(setting::invalid(
             "webhook.credentials",
             &"shared",
             "every instance uses the master secrets themselves; per-instance credentials need \"per-instance\"",
@@ -243,7 +234,7 @@ pub fn instance_headers(
         );
     }
     if headers.is_empty() {
-        return Err(config::Error::new(
+        return Err(setting::Error::new(
             "no webhook master secret configured: set SIDECAR_WEBHOOK_JWT_SECRET or SIDECAR_WEBHOOK_SECRET",
         ));
     }
@@ -363,7 +354,7 @@ impl Webhook {
         config: &Config,
         hub: Hub,
         draining: Arc<AtomicBool>,
-    ) -> Result<Self, config::Error> {
+    ) -> Result<Self, setting::Error> {
         config.validate()?;
         let jwt = config.jwt_secret.as_ref().map(|_| {
             let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);

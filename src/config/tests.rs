@@ -200,3 +200,34 @@ fn the_example_file_is_accepted() {
     let config = Config::load(Some(Path::new(path)), Vec::new(), &Overrides::new()).unwrap();
     assert_eq!(config.listen.to_string(), "0.0.0.0:8081");
 }
+
+#[test]
+fn values_that_cannot_work_are_refused_not_clamped() {
+    for (name, value) in [
+        ("SIDECAR_AUTH_LOOKUP_TIMEOUT_SECS", "0"),
+        ("SIDECAR_PING_INTERVAL_SECS", "0"),
+        ("SIDECAR_PING_TIMEOUT_SECS", "0"),
+    ] {
+        let err = Config::load(
+            None,
+            [(name.to_owned(), value.to_owned())],
+            &Overrides::new(),
+        )
+        .expect_err(name);
+        assert!(err.is_config(), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!("{name} (")),
+            "the message names the variable: {err}"
+        );
+    }
+    // Positive control: 1 s works.
+    Config::load(
+        None,
+        [(
+            "SIDECAR_AUTH_LOOKUP_TIMEOUT_SECS".to_owned(),
+            "1".to_owned(),
+        )],
+        &Overrides::new(),
+    )
+    .expect("1 s is valid");
+}
