@@ -39,7 +39,7 @@ async fn retention(events: u64, pad: usize) {
     for n in 0..events {
         let envelope = Envelope::from_webhook(body(n, pad).as_bytes()).unwrap();
         payload_bytes += envelope.payload.get().len() as u64;
-        app.hub().publish(&envelope, None).await;
+        app.bus().publish(&envelope, None).await;
     }
     let after = rss_kib();
     println!(

@@ -104,7 +104,11 @@ impl fmt::Debug for InstanceName {
 /// socket.io's reserved names (`connect`, ...) never collide with a dotted name we emit
 /// because `connect`/`disconnect` are refused below.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct EventName(Arc<str>);
+pub struct EventName {
+    wire: Arc<str>,
+    /// Computed once: filters, rooms and `SIDECAR_EVENTS` compare this form per event.
+    upper: Arc<str>,
+}
 
 impl EventName {
     pub const MAX_LEN: usize = 64;
@@ -127,22 +131,25 @@ impl EventName {
         if RESERVED_EVENTS.contains(&name) {
             return Err(format!("event name {name:?} is reserved by socket.io"));
         }
-        Ok(Self(Arc::from(name)))
+        Ok(Self {
+            wire: Arc::from(name),
+            upper: Arc::from(upper_snake(name)),
+        })
     }
 
     /// The wire form, as emitted.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.wire
     }
 
     /// `MESSAGES_UPSERT`: the form used by filters and configuration.
-    pub fn upper_snake(&self) -> String {
-        upper_snake(&self.0)
+    pub fn upper_snake(&self) -> &str {
+        &self.upper
     }
 
     /// `messages-upsert`: the by-events URL suffix.
     pub fn kebab(&self) -> String {
-        self.0
+        self.wire
             .chars()
             .map(|c| match c {
                 '.' | '_' => '-',
@@ -154,13 +161,13 @@ impl EventName {
 
 impl fmt::Display for EventName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.wire)
     }
 }
 
 impl fmt::Debug for EventName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(&*self.wire, f)
     }
 }
 

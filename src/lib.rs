@@ -10,7 +10,8 @@
 //! - [`config`]: layered settings (defaults < TOML < env < flags) and every `ENV_*` name.
 //! - [`envelope`]: the event, its three name forms, and the byte-exact emitted payload.
 //! - [`webhook`]: the ingest endpoint: credentials, limits, statuses.
-//! - [`hub`]: socket.io namespaces, namespace permission, filters, publish.
+//! - [`bus`]: retain, then fan out: dedupe, the Redis stream or the local log, to the hub.
+//! - [`hub`]: socket.io namespaces, namespace permission, filters, delivery.
 //! - [`guard`]: handshake admission: per-IP rate limit and connection cap.
 //! - [`auth`]: API key → principal, cached upstream lookup, handshake check.
 //! - [`upstream`]: client emits → Evolution REST, with acks.
@@ -32,6 +33,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod dedupe;

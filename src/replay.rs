@@ -77,9 +77,8 @@ const QRCODE_FRESHNESS: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Entry {
     pub seq: u64,
+    /// Its UPPER_SNAKE form, for filters, is `event.upper_snake()`.
     pub event: EventName,
-    /// The UPPER_SNAKE form, for filters.
-    pub upper_snake: String,
     pub payload: Arc<RawValue>,
     pub offset: String,
     at: Instant,
@@ -312,7 +311,6 @@ impl NamespaceLog {
         Entry {
             seq,
             event: envelope.event.clone(),
-            upper_snake: envelope.event.upper_snake(),
             payload: envelope.payload.clone(),
             offset: format!("{epoch}-{seq}"),
             at: Instant::now(),
@@ -403,19 +401,16 @@ pub fn new_epoch() -> String {
 }
 
 /// Runs [`Store::sweep`] until the store is dropped.
-pub fn spawn_sweeper(store: &Arc<Store>) {
-    let weak = Arc::downgrade(store);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match weak.upgrade() {
-                Some(store) => store.sweep(),
-                None => return,
-            }
+pub async fn sweep(store: std::sync::Weak<Store>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.upgrade() {
+            Some(store) => store.sweep(),
+            None => return,
         }
-    });
+    }
 }
 
 #[cfg(test)]

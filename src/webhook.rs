@@ -1,9 +1,9 @@
-//! Webhook ingest: Evolution API POSTs an event, we hand it to the hub.
+//! Webhook ingest: Evolution API POSTs an event, we hand it to the bus.
 //!
 //! The hot path is [`ingest`], top to bottom: draining check → path (token, suffix) →
 //! size and type → credentials (what needs no instance) → read body (bounded) →
 //! [`Envelope`] → per-instance credential against the body's `instance` → suffix check →
-//! dedupe → `hub.publish` (retains, then broadcasts) → 200. This module knows nothing of sockets.
+//! `bus.publish` (dedupes, retains, then fans out) → 200. This module knows nothing of sockets.
 //!
 //! An event reaches `/<instance>` only with a credential valid for that instance: the
 //! server-wide path token, that instance's JWT key or header secret ([`instance_credential`]),
@@ -50,9 +50,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::bus::{Bus, Published};
 use crate::dedupe;
 use crate::envelope::{self, Envelope, InstanceName};
-use crate::hub::{Hub, Published};
 use crate::setting::{self, Secret, comma_list};
 use crate::telemetry::{self, names};
 
@@ -267,6 +267,9 @@ fn proxy_header(headers: &HeaderMap) -> Option<&str> {
 pub enum Error {
     #[error("shutting down, retry later")]
     Draining,
+    /// Publishing failed before the event was retained (a panic): Evolution retries.
+    #[error("the event was not retained, retry later")]
+    NotRetained,
     #[error("no such webhook path")]
     NotFound,
     #[error("body is larger than {limit} bytes")]
@@ -303,12 +306,15 @@ pub enum Error {
 impl Error {
     /// Whether the refusal may leave part of the body unread, so the connection must close.
     fn body_unread(&self) -> bool {
-        !matches!(self, Error::Envelope(_) | Error::SuffixMismatch { .. })
+        !matches!(
+            self,
+            Error::Envelope(_) | Error::SuffixMismatch { .. } | Error::NotRetained
+        )
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Draining | Error::NotRetained => StatusCode::SERVICE_UNAVAILABLE,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -345,14 +351,14 @@ pub struct Webhook {
     jwt: Option<jsonwebtoken::Validation>,
     /// Set once the master secret itself was presented per instance (logged once).
     upgrade_warned: AtomicBool,
-    hub: Hub,
+    bus: Arc<Bus>,
     draining: Arc<AtomicBool>,
 }
 
 impl Webhook {
     pub fn new(
         config: &Config,
-        hub: Hub,
+        bus: Arc<Bus>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, setting::Error> {
         config.validate()?;
@@ -372,7 +378,7 @@ impl Webhook {
             config: config.clone(),
             jwt,
             upgrade_warned: AtomicBool::new(false),
-            hub,
+            bus,
             draining,
         })
     }
@@ -487,14 +493,27 @@ async fn accept(
     // comes after the event is retained; publishing never waits for a socket. It runs as
     // its own task so a client hanging up cannot cut it between "seen" and "retained".
     let fingerprint = (webhook.config.dedupe_window_secs > 0).then(|| dedupe::fingerprint(&body));
-    let (hub, event) = (webhook.hub.clone(), envelope.clone());
-    let published = tokio::spawn(async move { hub.publish(&event, fingerprint).await })
-        .await
-        .unwrap_or(Published::Fresh);
-    if published == Published::Duplicate {
-        metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
-        tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
-        return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());
+    let (bus, event) = (webhook.bus.clone(), envelope.clone());
+    let published = match tokio::spawn(async move { bus.publish(&event, fingerprint).await }).await
+    {
+        Ok(published) => published,
+        Err(err) => {
+            // Nothing says the event was retained: only a retry can make sure it is.
+            tracing::error!(instance = %envelope.instance, event = %envelope.event, error = %err, "publishing failed");
+            return Err(Error::NotRetained);
+        }
+    };
+    match published {
+        Published::Fresh => {}
+        Published::Duplicate => {
+            metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
+            tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
+            return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());
+        }
+        Published::Filtered => {
+            tracing::debug!(instance = %envelope.instance, event = %envelope.event, "webhook filtered out by SIDECAR_EVENTS");
+            return Ok(Json(serde_json::json!({ "ok": true })).into_response());
+        }
     }
     tracing::debug!(
         instance = %envelope.instance,

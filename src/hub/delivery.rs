@@ -70,7 +70,7 @@ pub(super) async fn run(
     if let Some((recovered, missed)) = replay {
         let missed: Vec<Arc<Entry>> = missed
             .into_iter()
-            .filter(|e| session.wants(&e.upper_snake))
+            .filter(|e| session.wants(e.event.upper_snake()))
             .collect();
         let to = missed.last().map_or(offset.clone(), |e| e.offset.clone());
         let announcement = serde_json::json!({
@@ -114,7 +114,8 @@ pub(super) async fn run(
         }
         for entry in &batch {
             cursor = entry.seq;
-            if session.wants(&entry.upper_snake) && send_entry(&socket, entry).await.is_err() {
+            if session.wants(entry.event.upper_snake()) && send_entry(&socket, entry).await.is_err()
+            {
                 return;
             }
         }

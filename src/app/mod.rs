@@ -1,17 +1,14 @@
 //! The router and its layer order, and serving with graceful shutdown.
 //!
 //! Routes, outermost first:
-//! - `/socket.io/`: CORS → admission (`guard::check_handshake`: rate limit, connection
-//!   cap) → handshake key check (`auth::check_handshake`) → the request head copied out of
-//!   hyper's read buffer (`hub::detach_head`) → socket.io.
-//!   The check must sit outside socket.io: middleware inside it never sees its traffic.
+//! - `/socket.io/`: the socket.io HTTP stack ([`socketio`]): CORS → admission → handshake
+//!   key check → the request head copied out of hyper's read buffer → socket.io.
 //! - `{webhook.path}[/...]`: `webhook::ingest` (never proxied, whatever the path).
 //! - `/_sidecar/healthz`, `/_sidecar/readyz`, `/_sidecar/inspector` (unless turned off);
 //!   `/_sidecar/metrics` with the global key as a bearer token (`auth::require_global_key`),
 //!   or open on its own listener with `metrics_listen`; any other `/_sidecar/*` is 404.
 //! - everything else: `proxy::forward` to Evolution API, with no CORS added.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,13 +20,12 @@ use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tower::ServiceBuilder;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
+use crate::bus::Bus;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::guard::{self, Guard};
+use crate::guard::Guard;
 use crate::health::{self, Health};
 use crate::hub::{self, Hub};
 use crate::inspector;
@@ -42,12 +38,15 @@ use crate::telemetry;
 use crate::upstream::Upstream;
 use crate::webhook::{self, Webhook};
 
+mod socketio;
+
 /// The whole sidecar, built from a [`Config`] without binding any port.
 pub struct App {
     router: Router,
     /// Serves `/_sidecar/metrics` on its own listener when `metrics_listen` is set.
     metrics_router: Option<(SocketAddr, Router)>,
     hub: Hub,
+    bus: Arc<Bus>,
     upstream: Arc<Upstream>,
     replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
@@ -71,17 +70,18 @@ impl App {
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
         let replay = replay::Store::new(&config.replay)?;
         let cluster = Cluster::new(&config.redis, replay.max_age())?;
-        let (socketio_layer, hub) = Hub::build(
-            &config.hub,
-            auth.clone(),
-            upstream.clone(),
+        let (socketio_layer, hub) =
+            Hub::build(&config.hub, auth.clone(), upstream.clone(), replay.clone())?;
+        let bus = Arc::new(Bus::new(
+            hub.clone(),
             replay.clone(),
             cluster.clone(),
+            &config.hub.events,
             Duration::from_secs(config.webhook.dedupe_window_secs),
-        )?;
+        ));
         let webhook = Arc::new(Webhook::new(
             &config.webhook,
-            hub.clone(),
+            bus.clone(),
             draining.clone(),
         )?);
         let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
@@ -97,23 +97,7 @@ impl App {
             draining.clone(),
         )?);
 
-        // socket.io: CORS (outer) → handshake check → socket.io (inner); anything the
-        // socket.io layer does not claim ends in a 404.
-        let socketio = ServiceBuilder::new()
-            .layer(cors(&config.hub))
-            .layer(axum::middleware::from_fn_with_state(
-                guard,
-                guard::check_handshake,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                auth.clone(),
-                auth::check_handshake,
-            ))
-            .layer(axum::middleware::map_request(hub::detach_head))
-            .layer(socketio_layer)
-            .service(tower::service_fn(|_request| async {
-                Ok::<_, Infallible>(StatusCode::NOT_FOUND.into_response())
-            }));
+        let socketio = socketio::service(&config.hub, guard, auth.clone(), socketio_layer);
 
         let webhook_path = webhook.path().to_owned();
         let ingest = Router::new()
@@ -156,6 +140,7 @@ impl App {
             router,
             metrics_router,
             hub,
+            bus,
             upstream,
             replay,
             draining,
@@ -171,9 +156,14 @@ impl App {
         self.router.clone()
     }
 
-    /// The hub, to publish or count sockets.
+    /// The hub, to count sockets.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The bus, to publish events as an accepted webhook does.
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
     }
 
     /// Binds the separate metrics listener, if one is configured.
@@ -205,13 +195,17 @@ impl App {
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        replay::spawn_sweeper(&self.replay);
-        let reader = self.hub.spawn_cluster_reader();
-        let revalidator = self.hub.spawn_revalidator(self.token_ttl);
-        let namespace_sweeper = self.hub.spawn_namespace_sweeper();
+        // Every background task belongs to this call: if it is dropped (the app is not
+        // served to completion), `tasks` aborts them and the reader guard stops the stream
+        // reader, so nothing outlives the app (Redis connections close with it).
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(replay::sweep(Arc::downgrade(&self.replay)));
+        tasks.spawn(self.hub.revalidate(self.token_ttl));
+        tasks.spawn(self.hub.sweep_namespaces());
+        let _reader = self.bus.spawn_reader();
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
-        tokio::spawn(drain(
+        tasks.spawn(drain(
             shutdown,
             self.grace,
             self.draining.clone(),
@@ -227,7 +221,7 @@ impl App {
             let stop = reached(phase_rx.clone(), 1);
             let limits = server::Limits::new(&server::Config::default(), TrustedProxies::default());
             let header_timeout = self.header_timeout;
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let served = server::serve(listener, router, &limits, header_timeout, stop);
                 if let Err(err) = served.await {
                     tracing::error!(error = %err, "metrics listener failed");
@@ -248,11 +242,6 @@ impl App {
                 Ok(())
             }
         };
-        if let Some(reader) = reader {
-            reader.abort();
-        }
-        revalidator.abort();
-        namespace_sweeper.abort();
         result
     }
 }
@@ -297,23 +286,6 @@ async fn drain(
     let _ = phase.send(1);
     tokio::time::sleep_until(deadline).await;
     let _ = phase.send(2);
-}
-
-fn cors(config: &hub::Config) -> CorsLayer {
-    let origin = if config.cors_origin.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            config
-                .cors_origin
-                .iter()
-                .filter_map(|origin| origin.parse().ok()),
-        )
-    };
-    CorsLayer::new()
-        .allow_origin(origin)
-        .allow_methods([http::Method::GET, http::Method::POST, http::Method::OPTIONS])
-        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
 }
 
 async fn not_found() -> impl IntoResponse {

@@ -1,0 +1,288 @@
+//! The socket.io side: namespaces, who may join them, per-client filters, and emitting.
+//!
+//! Every valid instance has a namespace `/<instance>` (created on the first CONNECT, at
+//! any time), and `/` carries every instance's events when global events are on.
+//! [`Hub::deliver`], the hub's only entry for events, retains an event in its namespace's
+//! log and hands the same packet to every socket of the namespace through one broadcast to
+//! two rooms: [`ALL_ROOM`] (clients without a filter) and `E:<UPPER_SNAKE>` (clients that
+//! asked for that event); opted-in sockets read the log instead (`delivery`).
+//!
+//! Read in this order: `handlers` (the connect middleware, then on connect, disconnect and
+//! emit), `session` and `connect` (what a socket is and asked for), `rooms` (audience and
+//! strays), `delivery` (recovering sockets), `namespaces` (dynamic namespace lifecycle),
+//! `revalidate` (revocation). This module knows nothing of HTTP ingest or of the bus.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::{BroadcastError, SocketIo};
+
+use crate::auth::{Authenticator, Principal};
+use crate::envelope::{Envelope, InstanceName};
+use crate::replay;
+use crate::setting;
+use crate::sio_request;
+use crate::telemetry::{NamespaceLabels, names};
+use crate::upstream::Upstream;
+
+mod config;
+mod connect;
+mod delivery;
+mod handlers;
+mod namespaces;
+mod revalidate;
+mod rooms;
+mod session;
+
+pub use config::Config;
+pub use connect::{ClientOptions, ConnectRequest, MAX_AUTH_BYTES, MAX_FILTER_EVENTS};
+pub use handlers::MAX_REFUSED_CONNECTS;
+pub use namespaces::NAMESPACE_SWEEP;
+pub use rooms::ALL_ROOM;
+pub use session::{ConnectError, EngineSession, Session};
+
+use handlers::{authorize, on_connect, revoke};
+use namespaces::Admissions;
+use rooms::{Rooms, event_room};
+
+/// State shared by every socket handler.
+struct Shared {
+    auth: Arc<Authenticator>,
+    connected: Arc<AtomicUsize>,
+    replay: Arc<replay::Store>,
+    upstream: Arc<Upstream>,
+    /// Room membership counts and strays.
+    rooms: Rooms,
+    namespace_labels: NamespaceLabels,
+    /// CONNECTs being admitted per namespace, so a refusal removes only a namespace
+    /// nobody is joining.
+    admissions: Admissions,
+    /// Polling sessions ended for too many refused CONNECTs (the guard refuses them).
+    closed_sessions: Arc<sio_request::ClosedSessions>,
+}
+
+/// A handle to the socket.io server. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    io: SocketIo,
+    shared: Arc<Shared>,
+    global_events: bool,
+    /// Sockets connected now, for the connection cap (`guard`).
+    connected: Arc<AtomicUsize>,
+    /// How long a token socket is kept while Evolution cannot verify its key.
+    unverified_grace: Duration,
+}
+
+impl Hub {
+    /// Builds the socket.io layer and its hub. Binds nothing.
+    pub fn build(
+        config: &Config,
+        auth: Arc<Authenticator>,
+        upstream: Arc<Upstream>,
+        replay: Arc<replay::Store>,
+    ) -> Result<(SocketIoLayer, Hub), setting::Error> {
+        config.validate()?;
+        let connected = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            auth,
+            connected: connected.clone(),
+            replay,
+            upstream,
+            rooms: Rooms::default(),
+            namespace_labels: NamespaceLabels::default(),
+            admissions: Admissions::new(),
+            // Past the heartbeat, engineioxide has dropped the session anyway.
+            closed_sessions: Arc::new(sio_request::ClosedSessions::new(
+                Duration::from_secs(config.ping_interval_secs + config.ping_timeout_secs)
+                    .max(CONNECT_TIMEOUT),
+            )),
+        });
+        let (layer, io) = SocketIo::builder()
+            .max_buffer_size(config.socket_buffer)
+            .max_payload(config.max_emit_bytes)
+            .ping_interval(Duration::from_secs(config.ping_interval_secs))
+            .ping_timeout(Duration::from_secs(config.ping_timeout_secs))
+            .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
+            // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
+            .ws_read_buffer_size(WS_READ_BUFFER)
+            // A session that joins no namespace within this is closed (socketioxide's
+            // default is 45 s): it bounds what anonymous handshakes can hold.
+            .connect_timeout(CONNECT_TIMEOUT)
+            .with_state(shared.clone())
+            .build_layer();
+        let _ = shared.admissions.io.set(io.clone());
+
+        // `/{instance}` does not match `/`: the global namespace is its own.
+        io.ns("/", on_connect.with(authorize));
+        io.dyn_ns("/{instance}", on_connect.with(authorize))
+            .map_err(|err| setting::Error::startup(format!("socket.io namespace: {err}")))?;
+
+        Ok((
+            layer,
+            Hub {
+                io,
+                shared,
+                global_events: config.global_events,
+                connected,
+                unverified_grace: Duration::from_secs(config.token_unverified_grace_secs),
+            },
+        ))
+    }
+
+    /// Emits one event to its instance's namespace (and `/` with global events on), as
+    /// sequence number `seq` (0: the next one). The hub's only entry for events: `bus`
+    /// calls it once the event is retained.
+    ///
+    /// The payload is encoded once per namespace; a slow socket whose queue is full
+    /// misses the event (counted) and never delays the others or the webhook.
+    pub async fn deliver(&self, envelope: &Envelope, seq: u64) {
+        let upper = envelope.event.upper_snake();
+        let rooms = [ALL_ROOM.to_owned(), event_room(upper)];
+        let namespace = envelope.instance.namespace();
+        self.emit_to(&namespace, &rooms, upper, envelope, seq).await;
+        if is_deletion(envelope.event.as_str()) {
+            self.forget_instance(&envelope.instance, &namespace).await;
+        }
+        if self.global_events {
+            self.emit_to("/", &rooms, upper, envelope, seq).await;
+        }
+    }
+
+    /// The instance is gone, and so is what its tokens may see: the event was delivered
+    /// first (the disconnect queues behind it). Cached answers listing it go, so its tokens'
+    /// next CONNECT asks Evolution; its token sockets are disconnected (global-key sockets
+    /// stay); its retained events and state go, so whoever re-creates the name starts
+    /// empty (offsets from before read as a gap, `recovered: false`).
+    async fn forget_instance(&self, instance: &InstanceName, namespace: &str) {
+        let forgotten = self.shared.auth.invalidate_instance(instance);
+        let strays = self.shared.rooms.strays(namespace);
+        let sockets = self
+            .io
+            .of(namespace)
+            .map(|ns| ns.sockets())
+            .unwrap_or_default();
+        {
+            for socket in sockets.into_iter().chain(strays) {
+                let token = socket
+                    .extensions
+                    .get::<Session>()
+                    .is_some_and(|session| session.principal != Principal::Global);
+                if token {
+                    revoke(&socket, "instance deleted");
+                }
+            }
+        }
+        let log = self.shared.replay.log(namespace);
+        {
+            let _gate = log.gate.lock().await;
+            log.forget();
+        }
+        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
+        tracing::info!(
+            instance = %instance,
+            cached_keys = forgotten,
+            "instance deleted: retained events and cached keys forgotten"
+        );
+    }
+
+    /// Retains the event in `namespace`'s log, then broadcasts it to the rooms of sockets
+    /// that did not opt in to recovery (opted-in ones read the log: `delivery`).
+    async fn emit_to(
+        &self,
+        namespace: &str,
+        rooms: &[String; 2],
+        upper: &str,
+        envelope: &Envelope,
+        seq: u64,
+    ) {
+        let log = self.shared.replay.log(namespace);
+        // Append and broadcast under the gate: a socket being brought up to date sees the
+        // event either in its state or live, never both and never neither.
+        let _gate = log.gate.lock().await;
+        log.append_at(envelope, seq);
+        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
+
+        let scope = if namespace == "/" {
+            "global"
+        } else {
+            "instance"
+        };
+        metrics::counter!(names::EVENTS_EMITTED, "scope" => scope).increment(1);
+        let audience = self.shared.rooms.audience(namespace, upper);
+        if audience == 0 {
+            return;
+        }
+        let event = envelope.event.as_str();
+        let payload: &serde_json::value::RawValue = &envelope.payload;
+        let mut dropped = 0;
+        if let Some(operators) = self.io.of(namespace)
+            && let Err(err) = operators.to(rooms.clone()).emit(event, payload).await
+        {
+            dropped = match &err {
+                BroadcastError::Socket(failures) => failures.len(),
+                _ => audience,
+            };
+            tracing::warn!(ns = namespace, event, dropped, error = %err, "slow consumers missed an event");
+        }
+        metrics::counter!(names::DELIVERIES).increment(audience.saturating_sub(dropped) as u64);
+        if dropped > 0 {
+            metrics::counter!(names::DELIVERY_DROPS).increment(dropped as u64);
+        }
+        let strays = self.shared.rooms.strays(namespace);
+        for socket in strays {
+            let member = socket
+                .rooms()
+                .iter()
+                .any(|room| rooms.iter().any(|r| r == room));
+            if member && let Err(err) = socket.emit(event, payload) {
+                tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
+            }
+        }
+    }
+
+    /// Namespaces socketioxide holds now (`/` included).
+    pub fn namespace_count(&self) -> usize {
+        self.io.nsps().len()
+    }
+
+    /// Disconnects every socket (shutdown).
+    pub async fn close(&self) {
+        self.io.close().await;
+    }
+
+    /// Sessions the hub ended, for the guard to refuse.
+    pub fn closed_sessions(&self) -> Arc<sio_request::ClosedSessions> {
+        self.shared.closed_sessions.clone()
+    }
+
+    /// The live count of connected sockets, shared with the connection cap.
+    pub fn connected(&self) -> Arc<AtomicUsize> {
+        self.connected.clone()
+    }
+
+    /// Connected sockets on this node, across namespaces.
+    pub fn socket_count(&self) -> usize {
+        self.io
+            .nsps()
+            .into_iter()
+            .map(|ns| ns.sockets().len())
+            .sum()
+    }
+}
+
+/// Whether an event says the instance is gone (Evolution sends either name).
+pub fn is_deletion(event: &str) -> bool {
+    matches!(event, "instance.delete" | "remove.instance")
+}
+
+/// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).
+const WS_READ_BUFFER: usize = 1024;
+
+/// How long an Engine.IO session may stay without a namespace before it is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for socket.io to close its sockets.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

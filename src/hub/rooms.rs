@@ -1,0 +1,100 @@
+//! Who is in which room of a namespace, so a publish knows its audience without listing
+//! sockets; and the strays, sockets that lost socketioxide's namespace-creation race and
+//! that broadcasts do not reach.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use socketioxide::extract::SocketRef;
+
+use super::session::Session;
+
+/// The room of sockets that receive every event.
+pub const ALL_ROOM: &str = "*";
+
+/// The room of sockets that asked for one event (`E:MESSAGES_UPSERT`).
+pub(super) fn event_room(upper_snake: &str) -> String {
+    format!("E:{upper_snake}")
+}
+
+/// Room membership counts and strays, per namespace.
+#[derive(Default)]
+pub(super) struct Rooms {
+    /// Sockets per namespace and room.
+    members: Mutex<HashMap<String, RoomCounts>>,
+    /// Sockets whose namespace lost a creation race inside socketioxide (two first
+    /// CONNECTs to a new namespace at once): broadcasts miss them, so they get events
+    /// one by one. Normally empty.
+    strays: Mutex<HashMap<String, Vec<SocketRef>>>,
+}
+
+#[derive(Default)]
+struct RoomCounts {
+    /// Sockets in [`ALL_ROOM`].
+    all: usize,
+    /// Sockets per filtered event (UPPER_SNAKE).
+    by_event: HashMap<String, usize>,
+}
+
+impl Rooms {
+    /// Counts a socket in (`delta` 1) or out (-1) of the rooms its filter puts it in.
+    pub(super) fn count(&self, namespace: &str, session: &Session, delta: isize) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = members.entry(namespace.to_owned()).or_default();
+        let apply = |n: &mut usize| *n = n.saturating_add_signed(delta);
+        if session.filter.is_empty() {
+            apply(&mut counts.all);
+        } else {
+            for event in session.filter.iter() {
+                apply(counts.by_event.entry(event.clone()).or_default());
+            }
+            counts.by_event.retain(|_, n| *n > 0);
+        }
+        if counts.all == 0 && counts.by_event.is_empty() {
+            members.remove(namespace);
+        }
+    }
+
+    /// How many sockets of `namespace` get an event (UPPER_SNAKE) through rooms.
+    pub(super) fn audience(&self, namespace: &str, upper_snake: &str) -> usize {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members.get(namespace).map_or(0, |counts| {
+            counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0)
+        })
+    }
+
+    /// Keeps a stray of `namespace`, unless it already left.
+    pub(super) fn add_stray(&self, socket: &SocketRef) {
+        let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+        // `connected` turns false before the disconnect handler runs: a socket that left
+        // before this point is not kept (its handler may already have cleaned up).
+        if socket.connected() {
+            strays
+                .entry(socket.ns().to_owned())
+                .or_default()
+                .push(socket.clone());
+        }
+    }
+
+    pub(super) fn remove_stray(&self, socket: &SocketRef) {
+        let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = strays.get_mut(socket.ns()) {
+            list.retain(|s| s.id != socket.id);
+            if list.is_empty() {
+                strays.remove(socket.ns());
+            }
+        }
+    }
+
+    /// The strays of one namespace.
+    pub(super) fn strays(&self, namespace: &str) -> Vec<SocketRef> {
+        let strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+        strays.get(namespace).cloned().unwrap_or_default()
+    }
+
+    /// Every stray.
+    pub(super) fn all_strays(&self) -> Vec<SocketRef> {
+        let strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+        strays.values().flatten().cloned().collect()
+    }
+}
