@@ -61,9 +61,11 @@ fuzz_target!(|data: &[u8]| {
     let route = ROUTES.get(&event).cloned();
     let plan = match upstream::plan(&ROUTES, &instance, &event, argument.as_deref()) {
         Ok(plan) => plan,
-        Err(reply) => {
-            let status = reply.status();
+        Err(err) => {
+            let status = err.status();
+            let reply = AckReply::from(err);
             assert!(matches!(reply, AckReply::Error { .. }));
+            assert_eq!(reply.status(), status);
             assert!(status == 400 || status == 404, "status {status}");
             assert_eq!(status == 404, route.is_none(), "404 iff no route");
             return;

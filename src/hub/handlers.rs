@@ -82,10 +82,8 @@ async fn admit(
     let options = request.options()?;
     socket.extensions.insert(Session {
         principal,
-        key: Secret::new(key),
-        instance,
+        caller: upstream::Caller::new(instance, Secret::new(key)),
         filter: options.filter.into(),
-        in_flight: Arc::new(upstream::Budget::default()),
         resume: options.resume,
         snapshot: options.snapshot,
         gone: Arc::new(tokio::sync::Notify::new()),
@@ -201,15 +199,14 @@ async fn on_emit(
     let Some(session) = socket.extensions.get::<Session>() else {
         return;
     };
-    let caller = upstream::Caller {
-        instance: session.instance.as_ref(),
-        key: session.key.expose(),
-        budget: &session.in_flight,
-    };
     // No argument at all is allowed for GET routes.
     let reply = shared
         .upstream
-        .forward(&caller, &event, argument.ok().and_then(|a| a.0).as_deref())
+        .forward(
+            &session.caller,
+            &event,
+            argument.ok().and_then(|a| a.0).as_deref(),
+        )
         .await;
     if let Err(err) = ack.send(&reply) {
         tracing::debug!(sid = %socket.id, error = %err, "ack not delivered");

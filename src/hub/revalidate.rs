@@ -49,7 +49,7 @@ impl Hub {
                     .collect();
                 let keys: HashSet<String> = sockets
                     .iter()
-                    .map(|(_, session)| session.key.expose().to_owned())
+                    .map(|(_, session)| session.caller.key.expose().to_owned())
                     .collect();
                 let auth = hub.shared.auth.clone();
                 let answers: HashMap<String, Result<Principal, auth::Error>> =
@@ -67,7 +67,7 @@ impl Hub {
                 verified.retain(|key, _| answers.contains_key(key));
                 let mut unverified = 0usize;
                 for (socket, session) in &sockets {
-                    let key = session.key.expose();
+                    let key = session.caller.key.expose();
                     let still = match answers.get(key) {
                         Some(Ok(principal)) => {
                             verified.insert(key.to_owned(), now);

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 
 use crate::auth::{self, Principal};
-use crate::envelope::InstanceName;
 use crate::replay;
-use crate::setting::Secret;
 use crate::upstream;
 
 use super::connect::{MAX_AUTH_BYTES, MAX_FILTER_EVENTS};
@@ -15,14 +13,12 @@ use super::connect::{MAX_AUTH_BYTES, MAX_FILTER_EVENTS};
 #[derive(Clone)]
 pub struct Session {
     pub principal: Principal,
-    /// The key it connected with: forwarded on its emits, never the global key.
-    pub key: Secret,
-    /// `None` on `/`.
-    pub instance: Option<InstanceName>,
+    /// What `upstream` needs to forward its emits: its instance (`None` on `/`), the key
+    /// it connected with (forwarded on its emits, never the global key) and its
+    /// in-flight budget.
+    pub caller: upstream::Caller,
     /// UPPER_SNAKE events it wants; empty means all.
     pub filter: Arc<[String]>,
-    /// Emits being forwarded now (calls and bytes), bounded by `upstream`.
-    pub in_flight: Arc<upstream::Budget>,
     /// `Some` when the client opted in to recovery: the last offset it saw, `""` for "from
     /// now on". Such sockets get trailing offsets and are served by `delivery`, not rooms.
     pub resume: Option<String>,
