@@ -15,6 +15,7 @@
 #   DURATION=10          seconds of sending per fanout/emit scenario (scale-10k: 30)
 #   SERVER_CPU=0 LOADGEN_CPU=1   cores for taskset; PIN=0 turns pinning off
 #   BUILD=0              skip the cargo build
+#   CARGO_TARGET_DIR=... where cargo builds and the binaries are run from (default: target)
 #   PEER_DIR=...         the Node peer (default: ../shared/peers/node-socketio)
 set -euo pipefail
 
@@ -45,7 +46,9 @@ if [ "${BUILD:-1}" = 1 ]; then
   say "building release binaries"
   cargo build --release -p evo-realtime -p evo-bench
 fi
-loadgen=target/release/loadgen
+# Cargo builds into $CARGO_TARGET_DIR when it is set (relative to the root, like cargo here).
+bin_dir=${CARGO_TARGET_DIR:-target}/release
+loadgen=$bin_dir/loadgen
 
 # --- the Node peer -------------------------------------------------------------------------
 peer_dir=${PEER_DIR:-$root/../shared/peers/node-socketio}
@@ -111,7 +114,7 @@ start_server() {
         SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
         SIDECAR_MAX_TCP_CONNECTIONS_PER_IP=0 \
         SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 \
-        "${pin_server[@]}" target/release/evo-realtime >"$log" 2>&1 &
+        "${pin_server[@]}" "$bin_dir/evo-realtime" >"$log" 2>&1 &
       ;;
     peer)
       url=http://127.0.0.1:$PEER_PORT hook=/webhook
@@ -119,7 +122,7 @@ start_server() {
       ;;
     floor)
       url=http://127.0.0.1:$FLOOR_PORT hook=/webhook
-      "${pin_server[@]}" target/release/floor --listen 127.0.0.1:$FLOOR_PORT >"$log" 2>&1 &
+      "${pin_server[@]}" "$bin_dir/floor" --listen 127.0.0.1:$FLOOR_PORT >"$log" 2>&1 &
       ;;
     *) say "unknown server $name"; return 1 ;;
   esac

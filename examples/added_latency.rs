@@ -93,7 +93,7 @@ async fn main() {
         proxied.1 - direct.1
     );
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/added_latency.js");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/added_latency.js");
     let output = tokio::process::Command::new("node")
         .arg(script)
         .arg(format!("http://{sidecar_addr}"))

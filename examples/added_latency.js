@@ -1,6 +1,6 @@
 // Emit→REST round trips next to direct REST calls from the same Node process.
 // Run with: cargo run --release --example added_latency   (it starts this script)
-//   node bench/added_latency.js <sidecar-url> <upstream-url> <apikey> <calls>
+//   node examples/added_latency.js <sidecar-url> <upstream-url> <apikey> <calls>
 // Calls alternate (emit, direct, emit, direct, ...) so drift affects both alike. Prints one
 // JSON object with the samples' median and p99 in ms.
 'use strict';
