@@ -46,11 +46,7 @@ fn code_only(line: &str) -> &str {
 /// Every module path a file refers to with `crate::`, expanding `use crate::{a, b::c}`.
 fn references(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let code: String = text
-        .lines()
-        .map(code_only)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code: String = text.lines().map(code_only).collect::<Vec<_>>().join("\n");
     // `use crate::{auth, hub::{self, Hub}};` → the top-level names inside the braces.
     let mut rest = code.as_str();
     while let Some(at) = rest.find("crate::") {
@@ -407,7 +403,10 @@ fn every_symbol_architecture_md_names_exists() {
             missing.push(format!("{path} ({item})"));
         }
     }
-    assert!(checked > 20, "only {checked} paths checked: is the reader broken?");
+    assert!(
+        checked > 20,
+        "only {checked} paths checked: is the reader broken?"
+    );
     assert!(
         missing.is_empty(),
         "ARCHITECTURE.md names what src/ does not have: {missing:?}"

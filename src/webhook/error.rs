@@ -1,0 +1,90 @@
+//! Why a webhook is refused, and its one mapping to a status ([`Error::status`]).
+
+use std::net::IpAddr;
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+
+use crate::envelope;
+
+/// Why a webhook was refused. Messages are lower-case and say what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("shutting down, retry later")]
+    Draining,
+    /// Publishing failed before the event was retained (a panic): Evolution retries.
+    #[error("the event was not retained, retry later")]
+    NotRetained,
+    #[error("no such webhook path")]
+    NotFound,
+    #[error("body is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("content-type must be application/json")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("peer {0} is not in SIDECAR_WEBHOOK_ALLOWED_CIDRS")]
+    Forbidden(IpAddr),
+    #[error(
+        "request carries proxy header {0:?}: without a webhook credential only direct peers are accepted; configure a credential"
+    )]
+    Proxied(String),
+    #[error("{reason} for instance {instance:?}")]
+    WrongInstance {
+        instance: String,
+        reason: &'static str,
+    },
+    #[error("body did not arrive within {0} seconds")]
+    ReadTimeout(u64),
+    #[error("could not read body: {0}")]
+    BodyCut(String),
+    #[error(transparent)]
+    Envelope(#[from] envelope::Error),
+    #[error("url suffix {suffix:?} does not match event {event:?} (expected {expected:?})")]
+    SuffixMismatch {
+        suffix: String,
+        event: String,
+        expected: String,
+    },
+}
+
+impl Error {
+    /// Whether the refusal may leave part of the body unread, so the connection must close.
+    pub(super) fn body_unread(&self) -> bool {
+        !matches!(
+            self,
+            Error::Envelope(_) | Error::SuffixMismatch { .. } | Error::NotRetained
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Draining | Error::NotRetained => StatusCode::SERVICE_UNAVAILABLE,
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Unauthorized(_) | Error::WrongInstance { .. } => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) | Error::Proxied(_) => StatusCode::FORBIDDEN,
+            Error::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::BodyCut(_) | Error::Envelope(envelope::Error::Syntax(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::Envelope(envelope::Error::Semantic(_)) | Error::SuffixMismatch { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        tracing::debug!(status = status.as_u16(), error = %self, "webhook refused");
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
+    }
+}
