@@ -37,7 +37,7 @@ async fn replicas(redis: &RedisServer, evolution: &FakeEvolution) -> (TestApp, T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_to_one_replica_reaches_clients_on_both_once() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -71,7 +71,7 @@ async fn a_webhook_to_one_replica_reaches_clients_on_both_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_connecting_at_once_to_a_new_instance_on_another_replica() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -99,7 +99,7 @@ async fn many_clients_connecting_at_once_to_a_new_instance_on_another_replica() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_sent_to_the_other_replica_is_delivered_once() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -125,7 +125,7 @@ async fn a_retry_sent_to_the_other_replica_is_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reconnecting_to_the_other_replica_recovers_everything() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -164,7 +164,7 @@ async fn a_client_reconnecting_to_the_other_replica_recovers_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_stream_degrades_then_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let port = redis.port;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
@@ -200,7 +200,7 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
     );
     assert_eq!(ready.json::<Value>().await.unwrap()["redis"], "degraded");
 
-    let _redis = RedisServer::start_on(port);
+    let _redis = RedisServer::start_on(port).await;
     // Once both replicas follow the stream again, fan-out across them resumes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut n = 100;
@@ -238,7 +238,7 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
 /// while 2,000 webhooks alternate between the replicas: every client gets every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_under_churn_across_two_replicas() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
