@@ -182,10 +182,7 @@ async fn metrics_change_with_traffic() {
 async fn metrics_move_to_their_own_listener() {
     let evolution = FakeEvolution::start().await;
     let mut config = test_config(&evolution.url());
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = free_port();
     config.metrics_listen = Some(free);
     let app = evo_realtime::App::build(&config).unwrap();
     let metrics_listener = app.bind_metrics().await.unwrap();

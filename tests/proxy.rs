@@ -233,10 +233,7 @@ fn tokio_stream(
 
 #[tokio::test]
 async fn unreachable_is_502_and_slow_is_504() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = free_port();
     let app = spawn_app(test_config(&format!("http://{closed}"))).await;
     let response = http()
         .get(app.url("/instance/fetchInstances"))

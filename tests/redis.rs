@@ -19,18 +19,15 @@ async fn replicas(redis: &RedisServer, evolution: &FakeEvolution) -> (TestApp, T
     // Both follow the stream once Redis answered their readiness.
     for app in [&a, &b] {
         let url = app.url("/_sidecar/readyz");
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        eventually_value("redis reports ok", PATIENCE, async || {
             let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
             if body["redis"] == "ok" {
-                break;
+                Ok(())
+            } else {
+                Err(body)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis never reported ok: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
     (a, b)
 }
@@ -202,13 +199,8 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
 
     let _redis = RedisServer::start_on(port).await;
     // Once both replicas follow the stream again, fan-out across them resumes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut n = 100;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "cross-replica fan-out never resumed"
-        );
+    let resumed = async || {
         post_webhook(&a.webhook_url(), event_body("call", "acme", n)).await;
         let id = "on-b".to_owned();
         let got = js
@@ -218,10 +210,17 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
             )
             .await;
         if got.is_some_and(|r| n_of(r["text"].as_str().unwrap()) == n) {
-            break;
+            return true;
         }
         n += 1;
-    }
+        false
+    };
+    eventually_within(
+        "cross-replica fan-out resumes",
+        Duration::from_secs(20),
+        resumed,
+    )
+    .await;
     let ready: Value = http()
         .get(a.url("/_sidecar/readyz"))
         .send()
