@@ -1,7 +1,8 @@
-//! The app in this process, on an ephemeral port.
+//! The app in this process: on an ephemeral port, and its router for in-process requests.
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use evo_realtime::config::Secret;
 use evo_realtime::{App, Config};
 use tokio::sync::oneshot;
@@ -13,6 +14,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// The app's hub, to look inside (namespaces, sockets).
     pub hub: evo_realtime::hub::Hub,
+    /// The router being served, for requests that need no TCP (`tower::ServiceExt::oneshot`).
+    pub router: Router,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -62,6 +65,7 @@ pub fn test_config(upstream_url: &str) -> Config {
 pub async fn spawn_app(config: Config) -> TestApp {
     let app = App::build(&config).expect("valid test config");
     let hub = app.hub().clone();
+    let router = app.router();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -71,6 +75,7 @@ pub async fn spawn_app(config: Config) -> TestApp {
     TestApp {
         addr,
         hub,
+        router,
         shutdown: Some(tx),
         handle: Some(handle),
     }

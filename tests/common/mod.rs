@@ -7,7 +7,7 @@
 //! - `raw_sio`: a raw Engine.IO/Socket.IO websocket client;
 //! - `redis`: a real Redis for one test;
 //! - `jwt`: webhook credentials and JWTs as Evolution signs them;
-//! - `webhook`: posting webhooks, fixtures and bodies;
+//! - `webhook`: posting webhooks (over TCP or in process), fixtures and bodies;
 //! - `sidecar`: the real binary as its own process;
 //! - `wait`: the one `eventually`, `PATIENCE` and `free_port`.
 #![allow(dead_code, unused_imports)] // each test file uses a different subset
