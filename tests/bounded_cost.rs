@@ -47,10 +47,11 @@ async fn delivered(
     instance: &str,
 ) -> String {
     let prefix = format!("42{ns},");
-    let deadline = Instant::now() + PATIENCE;
-    for n in 0.. {
-        assert!(Instant::now() < deadline, "no {event} reached {ns}");
+    let mut n = 0;
+    let what = format!("{event} reaches {ns}");
+    eventually_value(&what, PATIENCE, async || {
         let (status, _) = webhook(sidecar, event, instance, 1_000_000 + n).await;
+        n += 1;
         assert_eq!(status, 200);
         while let Some(frame) = socket
             .next_text_within_or_none(Duration::from_millis(300))
@@ -58,11 +59,12 @@ async fn delivered(
         {
             if let Some(body) = frame.strip_prefix(&prefix) {
                 let packet: Value = serde_json::from_str(body).unwrap();
-                return packet[0].as_str().unwrap().to_owned();
+                return Ok(packet[0].as_str().unwrap().to_owned());
             }
         }
-    }
-    unreachable!()
+        Err("")
+    })
+    .await
 }
 
 /// The next event frame's name on `ns`.

@@ -182,10 +182,7 @@ async fn metrics_change_with_traffic() {
 async fn metrics_move_to_their_own_listener() {
     let evolution = FakeEvolution::start().await;
     let mut config = test_config(&evolution.url());
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = free_port();
     config.metrics_listen = Some(free);
     let app = evo_realtime::App::build(&config).unwrap();
     let metrics_listener = app.bind_metrics().await.unwrap();
@@ -201,9 +198,25 @@ async fn metrics_move_to_their_own_listener() {
             .0,
         404
     );
-    let (status, body) = get(&format!("http://{free}/_sidecar/metrics")).await;
-    assert_eq!(status, 200);
-    assert!(body.contains("# TYPE") || body.is_empty());
+    let scrape = async || {
+        let (status, body) = get(&format!("http://{free}/_sidecar/metrics")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    // The positive control: a webhook on the public listener shows on the metrics one.
+    let series = r#"evo_webhooks_total{event="chats.delete",status="200"}"#;
+    let before = metric(&scrape().await, series);
+    let webhook = event_body("chats.delete", "metrics-listener", 1);
+    let (status, reply) = post_webhook(&format!("http://{public}/_sidecar/webhook"), webhook).await;
+    assert_eq!(status, 200, "{reply}");
+    let body = scrape().await;
+    assert!(metric(&body, series) >= before + 1.0, "{body}");
+    for name in [
+        "# TYPE evo_webhooks_total counter",
+        "evo_webhook_ingest_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "{name} missing: {body}");
+    }
     assert!(evolution.requests().is_empty(), "not proxied");
     let _ = tx.send(());
     let _ = tokio::time::timeout(PATIENCE, handle).await;

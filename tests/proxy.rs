@@ -4,10 +4,66 @@ mod common;
 
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
+use http::StatusCode;
 use serde_json::{Value, json};
+
+/// The fake, plus what only these tests ask of it: a streaming echo, a download of
+/// `?bytes=` bytes, headers that take 30 s and a body that stalls after its first chunk.
+async fn streaming_evolution() -> FakeEvolution {
+    FakeEvolution::builder()
+        .route("/stream/echo", post(stream_echo))
+        .route("/stream/download", get(stream_download))
+        .route("/slow-headers", any(slow_headers))
+        .route("/stall-body", get(stall_body))
+        .start()
+        .await
+}
+
+async fn stream_echo(body: Body) -> Response {
+    Response::new(body)
+}
+
+async fn stream_download(request: Request) -> Response {
+    let bytes: usize = request
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("bytes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024);
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let chunks = bytes / chunk.len();
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    Response::new(Body::from_stream(stream))
+}
+
+async fn slow_headers() -> Response {
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    StatusCode::OK.into_response()
+}
+
+async fn stall_body() -> Response {
+    let stream = futures_util::stream::unfold(0u8, |n| async move {
+        if n == 0 {
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from_static(b"first chunk")),
+                1,
+            ))
+        } else {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            None
+        }
+    });
+    Response::new(Body::from_stream(stream))
+}
 
 #[tokio::test]
 async fn get_post_and_delete_with_a_body_pass_through() {
@@ -115,7 +171,7 @@ async fn headers_hop_by_hop_and_x_forwarded() {
 /// the proxy before the next is sent, which a proxy that buffered either body could not do.
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
-    let evolution = FakeEvolution::start().await;
+    let evolution = streaming_evolution().await;
     let app = spawn_app(test_config(&evolution.url())).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     let upload = tokio_stream(rx);
@@ -177,10 +233,7 @@ fn tokio_stream(
 
 #[tokio::test]
 async fn unreachable_is_502_and_slow_is_504() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = free_port();
     let app = spawn_app(test_config(&format!("http://{closed}"))).await;
     let response = http()
         .get(app.url("/instance/fetchInstances"))
@@ -191,7 +244,7 @@ async fn unreachable_is_502_and_slow_is_504() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "upstream unreachable");
 
-    let evolution = FakeEvolution::start().await;
+    let evolution = streaming_evolution().await;
     let mut config = test_config(&evolution.url());
     config.upstream.timeout_secs = 1;
     let app = spawn_app(config).await;

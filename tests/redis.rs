@@ -19,25 +19,22 @@ async fn replicas(redis: &RedisServer, evolution: &FakeEvolution) -> (TestApp, T
     // Both follow the stream once Redis answered their readiness.
     for app in [&a, &b] {
         let url = app.url("/_sidecar/readyz");
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        eventually_value("redis reports ok", PATIENCE, async || {
             let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
             if body["redis"] == "ok" {
-                break;
+                Ok(())
+            } else {
+                Err(body)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis never reported ok: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
     (a, b)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_to_one_replica_reaches_clients_on_both_once() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -71,7 +68,7 @@ async fn a_webhook_to_one_replica_reaches_clients_on_both_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_connecting_at_once_to_a_new_instance_on_another_replica() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -99,7 +96,7 @@ async fn many_clients_connecting_at_once_to_a_new_instance_on_another_replica() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_sent_to_the_other_replica_is_delivered_once() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -125,7 +122,7 @@ async fn a_retry_sent_to_the_other_replica_is_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reconnecting_to_the_other_replica_recovers_everything() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;
@@ -164,7 +161,7 @@ async fn a_client_reconnecting_to_the_other_replica_recovers_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_stream_degrades_then_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let port = redis.port;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
@@ -200,15 +197,10 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
     );
     assert_eq!(ready.json::<Value>().await.unwrap()["redis"], "degraded");
 
-    let _redis = RedisServer::start_on(port);
+    let _redis = RedisServer::start_on(port).await;
     // Once both replicas follow the stream again, fan-out across them resumes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut n = 100;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "cross-replica fan-out never resumed"
-        );
+    let resumed = async || {
         post_webhook(&a.webhook_url(), event_body("call", "acme", n)).await;
         let id = "on-b".to_owned();
         let got = js
@@ -218,10 +210,17 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
             )
             .await;
         if got.is_some_and(|r| n_of(r["text"].as_str().unwrap()) == n) {
-            break;
+            return true;
         }
         n += 1;
-    }
+        false
+    };
+    eventually_within(
+        "cross-replica fan-out resumes",
+        Duration::from_secs(20),
+        resumed,
+    )
+    .await;
     let ready: Value = http()
         .get(a.url("/_sidecar/readyz"))
         .send()
@@ -238,7 +237,7 @@ async fn redis_killed_mid_stream_degrades_then_recovers() {
 /// while 2,000 webhooks alternate between the replicas: every client gets every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_under_churn_across_two_replicas() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let evolution = FakeEvolution::start().await;
     let (a, b) = replicas(&redis, &evolution).await;
     let mut js = JsDriver::start().await;

@@ -150,24 +150,123 @@ fn secrets_are_masked() {
     assert!(printed.contains("***"));
 }
 
+/// The rows of README.md's configuration tables: `(NAME, key)` from lines that begin
+/// `| `NAME` | `key` |`. Whole cells: `SIDECAR_WEBHOOK_PATH_TOKEN` is not a row for
+/// `SIDECAR_WEBHOOK_PATH`.
+fn readme_rows(readme: &str) -> Vec<(&str, &str)> {
+    readme
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.trim().strip_prefix('|')?.split('|').map(str::trim);
+            let name = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+            let key = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((name, key))
+        })
+        .collect()
+}
+
+/// What config.example.toml documents: `(section.key, NAME)` for each paragraph (lines
+/// between blank lines) with an `# env: NAME` line, the key being the one the paragraph
+/// sets, as `key = ...` or, for a default that is unset, `# key = ...`, under the last
+/// `[section]` header above it.
+fn example_entries(example: &str) -> Vec<(String, String)> {
+    let is_key = |word: &str| {
+        !word.is_empty()
+            && word
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    let mut section = String::new();
+    let mut entries = Vec::new();
+    for paragraph in example.split("\n\n") {
+        let mut names = Vec::new();
+        let mut keys = Vec::new();
+        for line in paragraph.lines().map(str::trim) {
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = header.to_owned();
+            } else if let Some(rest) = line.strip_prefix("# env: ") {
+                names.extend(rest.split_whitespace().next());
+            } else {
+                let setting = line.strip_prefix("# ").unwrap_or(line);
+                if let Some((key, _)) = setting.split_once(" = ")
+                    && is_key(key)
+                {
+                    keys.push(key);
+                }
+            }
+        }
+        if let Some(name) = names.first() {
+            assert!(
+                names.len() == 1 && keys.len() == 1,
+                "config.example.toml: one `# env:` line and one key per paragraph: {paragraph}"
+            );
+            let key = match section.as_str() {
+                "" => keys[0].to_owned(),
+                section => format!("{section}.{}", keys[0]),
+            };
+            entries.push((key, (*name).to_owned()));
+        }
+    }
+    entries
+}
+
 #[test]
 fn every_variable_is_documented() {
-    let readme = include_str!("../../README.md");
-    let example = include_str!("../../config.example.toml");
+    let readme = readme_rows(include_str!("../../README.md"));
+    let example = example_entries(include_str!("../../config.example.toml"));
     for var in ENV_VARS {
-        assert!(readme.contains(var.name), "README.md lacks {}", var.name);
         assert!(
-            example.contains(var.name),
-            "config.example.toml lacks {}",
-            var.name
-        );
-        let leaf = var.key.rsplit('.').next().unwrap_or(var.key);
-        assert!(
-            example.contains(&format!("{leaf} =")),
-            "config.example.toml lacks key {}",
+            readme.contains(&(var.name, var.key)),
+            "README.md has no row `| `{}` | `{}` |`",
+            var.name,
             var.key
         );
+        assert!(
+            example.contains(&(var.key.to_owned(), var.name.to_owned())),
+            "config.example.toml does not document {} as `# env: {}` with `{} = ` under its section",
+            var.key,
+            var.name,
+            var.key.rsplit('.').next().unwrap_or(var.key)
+        );
     }
+    // Nothing documented that the configuration does not know.
+    for (key, name) in &example {
+        assert!(
+            ENV_VARS
+                .iter()
+                .any(|var| var.key == key && var.name == name),
+            "config.example.toml documents an unknown {key} ({name})"
+        );
+    }
+}
+
+/// The parsers above find what is there and nothing else (the test fails on a missing
+/// whole name, not only a missing substring).
+#[test]
+fn documentation_is_matched_by_whole_names() {
+    let readme = "| `SIDECAR_WEBHOOK_PATH_TOKEN` | `webhook.path_token` | unset | x |\n";
+    let rows = readme_rows(readme);
+    assert_eq!(
+        rows,
+        vec![("SIDECAR_WEBHOOK_PATH_TOKEN", "webhook.path_token")]
+    );
+    assert!(!rows.contains(&("SIDECAR_WEBHOOK_PATH", "webhook.path")));
+
+    let example = "[upstream]\n# env: SIDECAR_UPSTREAM_URL\nurl = \"http://x\"\n\n\
+                   [webhook]\n# env: SIDECAR_WEBHOOK_JWT_SECRET (secret)\n# jwt_secret = \"...\"\n\n\
+                   [redis]\n# env: SIDECAR_REDIS_URL\n# timeout_ms = 1\n";
+    let entries = example_entries(example);
+    let entry = |key: &str, name: &str| (key.to_owned(), name.to_owned());
+    assert!(entries.contains(&entry("upstream.url", "SIDECAR_UPSTREAM_URL")));
+    assert!(entries.contains(&entry("webhook.jwt_secret", "SIDECAR_WEBHOOK_JWT_SECRET")));
+    // `url =` under [upstream] does not document redis.url, nor `jwt_secret =` webhook.secret.
+    assert!(!entries.contains(&entry("redis.url", "SIDECAR_REDIS_URL")));
+    assert!(!entries.iter().any(|(key, _)| key == "webhook.secret"));
+    assert!(
+        !entries
+            .iter()
+            .any(|(_, name)| name == "SIDECAR_WEBHOOK_SECRET")
+    );
 }
 
 #[test]

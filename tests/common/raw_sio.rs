@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::PATIENCE;
+use super::wait::PATIENCE;
 
 pub struct RawSocket {
     ws: WebSocketStream<tokio::net::TcpStream>,
@@ -110,20 +110,19 @@ impl RawSocket {
 
     /// Waits until the server closes the connection; `false` if it stays open `patience`.
     pub async fn closed_within(&mut self, patience: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + patience;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match tokio::time::timeout(left, self.ws.next()).await {
-                Err(_) => return false,
-                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
-                Ok(Some(Ok(Message::Text(text)))) if text.as_str() == "2" => {
-                    let _ = self.ws.send(Message::text("3")).await;
+        let closed = async {
+            loop {
+                match self.ws.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                    Some(Ok(Message::Text(text))) if text.as_str() == "2" => {
+                        let _ = self.ws.send(Message::text("3")).await;
+                    }
+                    Some(Ok(_)) => {}
                 }
-                Ok(Some(Ok(_))) => {}
             }
-        }
+        };
+        tokio::time::timeout(patience, closed)
+            .await
+            .unwrap_or(false)
     }
 }

@@ -4,38 +4,18 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::{PATIENCE, http};
+use super::app::http;
+use super::wait::{PATIENCE, eventually, free_port};
 
 /// The binary under test; `EVO_REALTIME_BINARY` points the same tests at another build
 /// (how the closing notes measure "before").
 pub fn binary() -> String {
     std::env::var("EVO_REALTIME_BINARY")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_evo-realtime").to_owned())
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Polls `check` until it holds, with bounded patience.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A sidecar process started by the test, killed when dropped.
