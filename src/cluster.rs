@@ -27,6 +27,7 @@ use serde_json::value::RawValue;
 
 use crate::envelope::{Envelope, EventName, InstanceName};
 use crate::setting::{self, Secret};
+use crate::telemetry;
 
 /// Redis settings; no URL means one process with everything in memory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,7 +155,7 @@ impl Cluster {
 
     fn record<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         let up = result.is_ok();
-        metrics::gauge!(crate::telemetry::names::REDIS_UP).set(if up { 1.0 } else { 0.0 });
+        telemetry::meters().redis_up.set(if up { 1.0 } else { 0.0 });
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("redis reachable: replicas share fan-out and retention");
@@ -293,7 +294,7 @@ fn parse_entry(
         envelope: Envelope {
             event,
             instance,
-            payload: Arc::from(payload),
+            payload: Arc::new(payload),
         },
     })
 }

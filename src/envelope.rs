@@ -200,13 +200,20 @@ pub fn is_filter_name(name: &str) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// An event's socket.io argument, shared by the log, the stream append and every emit.
+///
+/// A `Box<RawValue>` behind the `Arc`, not an `Arc<RawValue>`: the box takes over the
+/// `String` the payload was written into (sized exactly, so without reallocating), while an
+/// `Arc<RawValue>` would copy every byte once more. Media bodies reach tens of megabytes.
+pub type Payload = Arc<Box<RawValue>>;
+
 /// One webhook, ready to emit: its routing fields and the argument, serialized once.
 #[derive(Clone, Debug)]
 pub struct Envelope {
     pub event: EventName,
     pub instance: InstanceName,
     /// The socket.io argument: the body without `destination`, keys in Evolution's order.
-    pub payload: Arc<RawValue>,
+    pub payload: Payload,
 }
 
 impl Envelope {
@@ -299,55 +306,57 @@ fn unique_string_field(entries: &Entries<'_>, key: &str) -> Result<String, Error
 
 /// Builds the emitted argument: unknown keys before `event` first, then the known keys
 /// in Evolution's emit order, then the other unknown keys; `destination` dropped.
-fn reorder(entries: &Entries<'_>) -> Arc<RawValue> {
-    let capacity: usize = entries
-        .iter()
-        .map(|(k, v)| k.len() + v.get().len() + 4)
-        .sum();
-    let mut out = String::with_capacity(capacity + 2);
-    out.push('{');
-    let mut first = true;
-    let mut push = |out: &mut String, key: &str, value: &RawValue| {
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        // Keys are re-escaped (not copied) so a key with escapes stays valid JSON.
-        write_json_string(out, key);
-        out.push(':');
-        out.push_str(value.get());
-    };
+fn reorder(entries: &Entries<'_>) -> Payload {
     let is_known = |key: &str| EMIT_ORDER.contains(&key) || key == DROPPED_KEY;
     let event_position = entries.iter().position(|(k, _)| k == "event").unwrap_or(0);
-
+    // Unknown keys before `event`, the known keys in Evolution's order, then the rest.
+    let mut order: Vec<(&str, &RawValue)> = Vec::with_capacity(entries.len());
     for (key, value) in &entries[..event_position] {
         if !is_known(key) {
-            push(&mut out, key, value);
+            order.push((key, value));
         }
     }
     for known in EMIT_ORDER {
         if let Some((key, value)) = entries.iter().find(|(k, _)| k == known) {
-            push(&mut out, key, value);
+            order.push((key, value));
         }
     }
     for (key, value) in &entries[event_position..] {
         if !is_known(key) {
-            push(&mut out, key, value);
+            order.push((key, value));
         }
     }
+    // Keys are re-escaped (not copied) so a key with escapes stays valid JSON; escaping
+    // them first gives the exact length, so the payload is written once, never regrown.
+    let keys: Vec<String> = order.iter().map(|(key, _)| json_string(key)).collect();
+    let length = 2
+        + order.len().saturating_sub(1)
+        + keys
+            .iter()
+            .zip(&order)
+            .map(|(key, (_, value))| key.len() + 1 + value.get().len())
+            .sum::<usize>();
+    let mut out = String::with_capacity(length);
+    out.push('{');
+    for (i, (key, (_, value))) in keys.iter().zip(&order).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push(':');
+        out.push_str(value.get());
+    }
     out.push('}');
+    debug_assert_eq!(out.len(), length, "the payload is sized exactly");
     let raw = RawValue::from_string(out).unwrap_or_else(|_| {
         // Unreachable: every piece came from valid JSON. Stay total all the same.
         RawValue::from_string("{}".to_owned()).expect("static JSON is valid")
     });
-    Arc::from(raw)
+    Arc::new(raw)
 }
 
-fn write_json_string(out: &mut String, value: &str) {
-    match serde_json::to_string(value) {
-        Ok(encoded) => out.push_str(&encoded),
-        Err(_) => out.push_str("\"\""),
-    }
+fn json_string(value: &str) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
 #[cfg(test)]

@@ -19,10 +19,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use crate::envelope::{Envelope, EventName};
+use crate::envelope::{Envelope, EventName, Payload};
 use crate::setting;
 
 /// Retention bounds.
@@ -79,7 +78,7 @@ pub struct Entry {
     pub seq: u64,
     /// Its UPPER_SNAKE form, for filters, is `event.upper_snake()`.
     pub event: EventName,
-    pub payload: Arc<RawValue>,
+    pub payload: Payload,
     pub offset: String,
     at: Instant,
 }
@@ -98,6 +97,39 @@ pub struct Resume {
     pub recovered: bool,
     /// Deliver the retained events whose sequence is greater than this.
     pub after: u64,
+}
+
+/// A position in a namespace's log, as clients see it: `<epoch>-<seq>`. The epoch tells
+/// logs apart (a restart in memory mode, a Redis that lost its data), the sequence orders
+/// events within one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offset {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+impl Offset {
+    pub fn new(epoch: &str, seq: u64) -> Self {
+        Self {
+            epoch: epoch.to_owned(),
+            seq,
+        }
+    }
+
+    /// Reads `<epoch>-<seq>`; the epoch may itself contain `-`, the sequence may not.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (epoch, seq) = text.rsplit_once('-')?;
+        Some(Self {
+            epoch: epoch.to_owned(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Offset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.epoch, self.seq)
+    }
 }
 
 /// The retained events of one namespace.
@@ -312,7 +344,7 @@ impl NamespaceLog {
             seq,
             event: envelope.event.clone(),
             payload: envelope.payload.clone(),
-            offset: format!("{epoch}-{seq}"),
+            offset: Offset::new(epoch, seq).to_string(),
             at: Instant::now(),
         }
     }
@@ -361,18 +393,15 @@ impl NamespaceLog {
             recovered: false,
             after: inner.evicted_through,
         };
-        let Some((offset_epoch, seq)) = offset.rsplit_once('-') else {
+        let Some(offset) = Offset::parse(offset) else {
             return everything;
         };
-        let Ok(seq) = seq.parse::<u64>() else {
-            return everything;
-        };
-        if offset_epoch != epoch || seq > head {
+        if offset.epoch != epoch || offset.seq > head {
             return everything;
         }
         Resume {
-            recovered: seq >= inner.evicted_through,
-            after: seq,
+            recovered: offset.seq >= inner.evicted_through,
+            after: offset.seq,
         }
     }
 

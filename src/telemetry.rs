@@ -3,13 +3,14 @@
 //!
 //! A leaf: it imports nothing from the crate, so every module can name its metrics.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +116,55 @@ pub mod names {
     pub const ACCEPT_ERRORS: &str = "evo_accept_errors_total";
     pub const REVALIDATION_FAILURES: &str = "evo_token_revalidation_failures_total";
     pub const UNVERIFIED_SOCKETS: &str = "evo_token_sockets_unverified";
+}
+
+/// Handles of the metrics on the per-webhook and per-delivery paths, registered once, so
+/// those paths do no registry lookup and build no label set.
+pub struct Meters {
+    pub deliveries: Counter,
+    pub delivery_drops: Counter,
+    pub emitted_instance: Counter,
+    pub emitted_global: Counter,
+    pub retained_bytes: Gauge,
+    pub webhook_seconds: Histogram,
+    pub duplicate_webhooks: Counter,
+    pub redis_up: Gauge,
+    /// `evo_webhooks_total` per (event label, status): bounded by [`event_label`]'s values
+    /// times the statuses ingest answers; each registered on first use.
+    webhooks: std::sync::Mutex<HashMap<(&'static str, u16), Counter>>,
+}
+
+impl Meters {
+    /// The `evo_webhooks_total{event, status}` counter.
+    pub fn webhook(&self, event: &'static str, status: u16) -> Counter {
+        let mut webhooks = self.webhooks.lock().unwrap_or_else(|e| e.into_inner());
+        webhooks
+            .entry((event, status))
+            .or_insert_with(|| {
+                metrics::counter!(names::WEBHOOKS, "event" => event, "status" => status.to_string())
+            })
+            .clone()
+    }
+}
+
+/// The hot-path metric handles, after the recorder is installed (handles taken before it
+/// would record nothing).
+pub fn meters() -> &'static Meters {
+    static METERS: OnceLock<Meters> = OnceLock::new();
+    METERS.get_or_init(|| {
+        let _ = metrics_handle();
+        Meters {
+            deliveries: metrics::counter!(names::DELIVERIES),
+            delivery_drops: metrics::counter!(names::DELIVERY_DROPS),
+            emitted_instance: metrics::counter!(names::EVENTS_EMITTED, "scope" => "instance"),
+            emitted_global: metrics::counter!(names::EVENTS_EMITTED, "scope" => "global"),
+            retained_bytes: metrics::gauge!(names::RETAINED_BYTES),
+            webhook_seconds: metrics::histogram!(names::WEBHOOK_SECONDS),
+            duplicate_webhooks: metrics::counter!(names::DUPLICATE_WEBHOOKS),
+            redis_up: metrics::gauge!(names::REDIS_UP),
+            webhooks: std::sync::Mutex::new(HashMap::new()),
+        }
+    })
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

@@ -279,3 +279,43 @@ async fn no_loss_under_churn_across_two_replicas() {
     );
     js.shutdown().await;
 }
+
+/// Redis clients connected now, other than the one asking (`CLIENT LIST`).
+async fn redis_clients(redis: &RedisServer) -> usize {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    list.lines().count().saturating_sub(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_app_takes_its_tasks_and_redis_connections_with_it() {
+    let redis = RedisServer::start().await;
+    let evolution = FakeEvolution::start().await;
+    assert_eq!(
+        redis_clients(&redis).await,
+        0,
+        "a fresh Redis has no clients"
+    );
+
+    let app = evo_realtime::App::build(&redis_config(&evolution.url(), &redis)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = tokio::spawn(app.serve(listener, std::future::pending()));
+    // Positive control: the served app's stream reader and writer are connected.
+    eventually("the app connects to redis", async || {
+        redis_clients(&redis).await >= 2
+    })
+    .await;
+
+    // Dropped rather than served to completion: no shutdown signal, the future is gone.
+    serving.abort();
+    let _ = serving.await;
+    eventually("every connection of the dropped app closes", async || {
+        redis_clients(&redis).await == 0
+    })
+    .await;
+}

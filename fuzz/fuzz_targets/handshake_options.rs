@@ -10,7 +10,7 @@
 
 use evo_realtime::sio_request as auth;
 use evo_realtime::envelope;
-use evo_realtime::hub::ClientOptions;
+use evo_realtime::hub::{ClientOptions, Resume};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -99,9 +99,14 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     match payload.as_ref().and_then(|p| p.get("offset")) {
-        None => assert_eq!(options.resume, None),
-        Some(Value::Null) => assert_eq!(options.resume.as_deref(), Some("")),
-        Some(Value::String(offset)) => assert_eq!(options.resume.as_ref(), Some(offset)),
+        None => assert_eq!(options.resume, Resume::No),
+        Some(Value::Null) => assert_eq!(options.resume, Resume::FromNow),
+        Some(Value::String(offset)) if offset.is_empty() => {
+            assert_eq!(options.resume, Resume::FromNow)
+        }
+        Some(Value::String(offset)) => {
+            assert_eq!(options.resume, Resume::After(offset.clone()))
+        }
         Some(other) => panic!("offset {other} was accepted"),
     }
 });

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::session::ConnectError;
+use super::session::{ConnectError, Resume};
 use crate::envelope;
 use crate::sio_request;
 
@@ -81,9 +81,10 @@ impl<'a> ConnectRequest<'a> {
     pub fn options(&self) -> Result<ClientOptions, ConnectError> {
         let filter = parse_filter(self.parts, &self.fields.events)?;
         let resume = match self.fields.offset.parse::<Option<String>>() {
-            None => None,
-            Some(Ok(None)) => Some(String::new()),
-            Some(Ok(Some(offset))) => Some(offset),
+            None => Resume::No,
+            Some(Ok(None)) => Resume::FromNow,
+            Some(Ok(Some(offset))) if offset.is_empty() => Resume::FromNow,
+            Some(Ok(Some(offset))) => Resume::After(offset),
             Some(Err(_)) => return Err(ConnectError::BadOffset),
         };
         let snapshot = matches!(self.fields.snapshot.parse::<bool>(), Some(Ok(true)));
@@ -103,8 +104,8 @@ pub struct ClientOptions {
     pub key: Option<String>,
     /// UPPER_SNAKE events; empty means all.
     pub filter: Vec<String>,
-    /// `auth.offset`: `Some("")` from now on, `Some(offset)` to resume.
-    pub resume: Option<String>,
+    /// `auth.offset`: absent, `null` or `""` (from now on), or the offset to resume after.
+    pub resume: Resume,
     /// `auth.snapshot`.
     pub snapshot: bool,
 }

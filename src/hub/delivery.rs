@@ -13,9 +13,9 @@ use serde::Serialize;
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 
-use super::Session;
-use crate::replay::{Entry, NamespaceLog};
-use crate::telemetry::names;
+use super::session::{Resume, Session};
+use crate::replay::{Entry, NamespaceLog, Offset};
+use crate::telemetry::{self, names};
 
 /// How long a socket may leave its queue full before it is disconnected as a slow consumer.
 const SLOW_CONSUMER_PATIENCE: Duration = Duration::from_secs(10);
@@ -34,14 +34,19 @@ pub(super) async fn run(
     log: Arc<NamespaceLog>,
     epoch: String,
 ) {
-    let offset = session.resume.clone().unwrap_or_default();
+    let offset = match &session.resume {
+        Resume::After(offset) => offset.clone(),
+        Resume::FromNow | Resume::No => String::new(),
+    };
     let mut head = log.subscribe();
 
     // A replica still behind the shared stream may not have reached the client's offset:
     // give it a moment rather than answer recovered: false and replay everything.
-    if let Some((offset_epoch, seq)) = offset.rsplit_once('-')
+    if let Some(Offset {
+        epoch: offset_epoch,
+        seq,
+    }) = Offset::parse(&offset)
         && offset_epoch == epoch
-        && let Ok(seq) = seq.parse::<u64>()
         && seq > log.head()
     {
         let _ = tokio::time::timeout(LAG_PATIENCE, head.wait_for(|head| *head >= seq)).await;
@@ -129,7 +134,7 @@ async fn send_entry(socket: &SocketRef, entry: &Entry) -> Result<(), Gone> {
         &(&*entry.payload, entry.offset.as_str()),
     )
     .await?;
-    metrics::counter!(names::DELIVERIES).increment(1);
+    telemetry::meters().deliveries.increment(1);
     Ok(())
 }
 

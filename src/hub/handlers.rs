@@ -80,12 +80,14 @@ async fn admit(
         return Err(ConnectError::Forbidden(namespace));
     }
     let options = request.options()?;
+    let admitted_at = shared.replay.log(&namespace).head();
     socket.extensions.insert(Session {
         principal,
         caller: upstream::Caller::new(instance, Secret::new(key)),
         filter: options.filter.into(),
         resume: options.resume,
         snapshot: options.snapshot,
+        admitted_at,
         gone: Arc::new(tokio::sync::Notify::new()),
     });
     Ok(())
@@ -109,12 +111,12 @@ pub(super) async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): S
         ns = socket.ns(),
         principal = %session.principal.label(),
         websocket = socket.transport_type() == TransportType::Websocket,
-        opted_in = session.resume.is_some(),
+        opted_in = session.resume.opted_in(),
         "socket connected"
     );
 
     let log = shared.replay.log(socket.ns());
-    if session.resume.is_some() {
+    if session.resume.opted_in() {
         let epoch = shared.replay.epoch();
         tokio::spawn(delivery::run(socket.clone(), session, log, epoch));
         return;
@@ -124,7 +126,18 @@ pub(super) async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): S
     shared.rooms.count(socket.ns(), &session, 1);
     {
         let _gate = log.gate.lock().await;
-        for entry in session.join_state(&log) {
+        let state = session.join_state(&log);
+        for entry in &state {
+            let _ = socket.emit(entry.event.as_str(), &*entry.payload);
+        }
+        // socketioxide sends the CONNECT answer before this handler runs, so the client may
+        // already have been told it is connected while events were broadcast to rooms it
+        // was not in yet. Those appended since it was admitted are sent here, once (not
+        // twice with the state), so none is lost between "connected" and the room join.
+        let (missed, _) = log.read_after(session.admitted_at, usize::MAX);
+        for entry in missed.iter().filter(|entry| {
+            session.wants(entry.event.upper_snake()) && !state.iter().any(|s| s.seq == entry.seq)
+        }) {
             let _ = socket.emit(entry.event.as_str(), &*entry.payload);
         }
         if session.filter.is_empty() {
@@ -175,7 +188,7 @@ async fn on_disconnect(
     if let Some(session) = socket.extensions.get::<Session>() {
         session.gone.notify_one();
         shared.connected.fetch_sub(1, Ordering::Relaxed);
-        if session.resume.is_none() {
+        if !session.resume.opted_in() {
             shared.rooms.count(socket.ns(), &session, -1);
         }
         metrics::gauge!(names::SOCKETS).decrement(1.0);

@@ -25,7 +25,7 @@ use crate::envelope::{Envelope, InstanceName};
 use crate::replay;
 use crate::setting;
 use crate::sio_request;
-use crate::telemetry::{NamespaceLabels, names};
+use crate::telemetry::{self, NamespaceLabels};
 use crate::upstream::Upstream;
 
 mod config;
@@ -42,7 +42,7 @@ pub use connect::{ClientOptions, ConnectRequest, MAX_AUTH_BYTES, MAX_FILTER_EVEN
 pub use handlers::MAX_REFUSED_CONNECTS;
 pub use namespaces::NAMESPACE_SWEEP;
 pub use rooms::ALL_ROOM;
-pub use session::{ConnectError, EngineSession, Session};
+pub use session::{ConnectError, EngineSession, Resume, Session};
 
 use handlers::{authorize, on_connect, revoke};
 use namespaces::Admissions;
@@ -180,7 +180,9 @@ impl Hub {
             let _gate = log.gate.lock().await;
             log.forget();
         }
-        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
+        telemetry::meters()
+            .retained_bytes
+            .set(self.shared.replay.total_bytes() as f64);
         tracing::info!(
             instance = %instance,
             cached_keys = forgotten,
@@ -203,14 +205,15 @@ impl Hub {
         // event either in its state or live, never both and never neither.
         let _gate = log.gate.lock().await;
         log.append_at(envelope, seq);
-        metrics::gauge!(names::RETAINED_BYTES).set(self.shared.replay.total_bytes() as f64);
-
-        let scope = if namespace == "/" {
-            "global"
+        let meters = telemetry::meters();
+        meters
+            .retained_bytes
+            .set(self.shared.replay.total_bytes() as f64);
+        if namespace == "/" {
+            meters.emitted_global.increment(1);
         } else {
-            "instance"
-        };
-        metrics::counter!(names::EVENTS_EMITTED, "scope" => scope).increment(1);
+            meters.emitted_instance.increment(1);
+        }
         let audience = self.shared.rooms.audience(namespace, upper);
         if audience == 0 {
             return;
@@ -227,9 +230,11 @@ impl Hub {
             };
             tracing::warn!(ns = namespace, event, dropped, error = %err, "slow consumers missed an event");
         }
-        metrics::counter!(names::DELIVERIES).increment(audience.saturating_sub(dropped) as u64);
+        meters
+            .deliveries
+            .increment(audience.saturating_sub(dropped) as u64);
         if dropped > 0 {
-            metrics::counter!(names::DELIVERY_DROPS).increment(dropped as u64);
+            meters.delivery_drops.increment(dropped as u64);
         }
         let strays = self.shared.rooms.strays(namespace);
         for socket in strays {

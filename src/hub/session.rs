@@ -19,13 +19,35 @@ pub struct Session {
     pub caller: upstream::Caller,
     /// UPPER_SNAKE events it wants; empty means all.
     pub filter: Arc<[String]>,
-    /// `Some` when the client opted in to recovery: the last offset it saw, `""` for "from
-    /// now on". Such sockets get trailing offsets and are served by `delivery`, not rooms.
-    pub resume: Option<String>,
+    /// Whether the client opted in to recovery. Opted-in sockets get trailing offsets and
+    /// are served by `delivery`, not rooms.
+    pub resume: Resume,
     /// Send the instance's state (last `connection.update`, fresh `qrcode.updated`) on join.
     pub snapshot: bool,
+    /// The namespace log's head when the CONNECT was admitted: a socket that does not opt
+    /// in gets every event appended after it, live or, if it came before the room join,
+    /// on join.
+    pub admitted_at: u64,
     /// Signalled on disconnect, to stop this socket's delivery task.
     pub gone: Arc<tokio::sync::Notify>,
+}
+
+/// What a client asked of recovery with `auth.offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// No `offset`: Evolution's one-argument events through rooms.
+    No,
+    /// `offset: null` or `""`: offsets from now on.
+    FromNow,
+    /// The last offset the client saw (`<epoch>-<seq>`, as it sent it).
+    After(String),
+}
+
+impl Resume {
+    /// Whether the socket opted in (is served from the log).
+    pub fn opted_in(&self) -> bool {
+        !matches!(self, Resume::No)
+    }
 }
 
 impl Session {

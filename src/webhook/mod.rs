@@ -51,7 +51,7 @@ use crate::bus::{Bus, Published};
 use crate::dedupe;
 use crate::envelope::Envelope;
 use crate::setting;
-use crate::telemetry::{self, names};
+use crate::telemetry;
 
 mod body;
 mod config;
@@ -169,9 +169,13 @@ pub async fn ingest(State(webhook): State<Arc<Webhook>>, request: Request) -> Re
             response
         }
     };
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(names::WEBHOOKS, "event" => event_label, "status" => status).increment(1);
-    metrics::histogram!(names::WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
+    let meters = telemetry::meters();
+    meters
+        .webhook(event_label, response.status().as_u16())
+        .increment(1);
+    meters
+        .webhook_seconds
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -230,7 +234,7 @@ async fn accept(
     match published {
         Published::Fresh => {}
         Published::Duplicate => {
-            metrics::counter!(names::DUPLICATE_WEBHOOKS).increment(1);
+            telemetry::meters().duplicate_webhooks.increment(1);
             tracing::debug!(instance = %envelope.instance, event = %envelope.event, "duplicate webhook");
             return Ok(Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response());
         }
