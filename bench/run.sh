@@ -15,6 +15,7 @@
 #   DURATION=10          seconds of sending per fanout/emit scenario (scale-10k: 30)
 #   SERVER_CPU=0 LOADGEN_CPU=1   cores for taskset; PIN=0 turns pinning off
 #   BUILD=0              skip the cargo build
+#   OURS_BIN=path        run another evo-realtime build as "ours" (before/after comparisons)
 #   CARGO_TARGET_DIR=... where cargo builds and the binaries are run from (default: target)
 #   PEER_DIR=...         the Node peer (default: ../shared/peers/node-socketio)
 set -euo pipefail
@@ -114,7 +115,7 @@ start_server() {
         SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
         SIDECAR_MAX_TCP_CONNECTIONS_PER_IP=0 \
         SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 \
-        "${pin_server[@]}" "$bin_dir/evo-realtime" >"$log" 2>&1 &
+        "${pin_server[@]}" "${OURS_BIN:-$bin_dir/evo-realtime}" >"$log" 2>&1 &
       ;;
     peer)
       url=http://127.0.0.1:$PEER_PORT hook=/webhook

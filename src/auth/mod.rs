@@ -23,20 +23,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
-use tokio::sync::OnceCell;
 
 use crate::envelope::InstanceName;
-use crate::expiring;
 use crate::setting::Secret;
-use crate::sio_request::{self, key_from_request};
-use crate::telemetry::names;
+
+mod cache;
+mod handshake;
+
+pub use handshake::{check_handshake, require_global_key};
+
+use cache::{Cache, CacheEntry};
 
 /// Settings of key resolution.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,7 +127,7 @@ impl Error {
 
 /// How long an `Unavailable` answer is reused, so a flood during an outage makes
 /// one upstream call per key per interval instead of one per handshake.
-const UNAVAILABLE_TTL: Duration = Duration::from_secs(2);
+pub(super) const UNAVAILABLE_TTL: Duration = Duration::from_secs(2);
 
 /// Keys longer than this are refused without a lookup (and never cached or sent
 /// upstream): Evolution's instance tokens are UUIDs, 36 bytes.
@@ -137,9 +135,6 @@ pub const MAX_KEY_BYTES: usize = 256;
 
 /// What the key cache may hold, keys and answers counted; past it the oldest entries go.
 pub const MAX_CACHE_BYTES: usize = 8 * 1024 * 1024;
-
-/// Bytes counted per cache entry besides its key and answer (map slot, queue slot, entry).
-const ENTRY_OVERHEAD: usize = 160;
 
 /// Pays for one upstream lookup. The guard's per-client token bucket implements it, so
 /// a flood of distinct bad keys costs at most `burst + rate × t` lookups per client IP,
@@ -155,57 +150,6 @@ pub struct Unmetered;
 impl LookupBudget for Unmetered {
     fn take(&self) -> bool {
         true
-    }
-}
-
-/// A cached answer: being looked up (empty) or known.
-type Answer = OnceCell<Result<Principal, Error>>;
-
-type CacheEntry = expiring::Slot<Answer>;
-
-fn is_fresh(entry: &CacheEntry, ttl: Duration, now: Instant) -> bool {
-    match entry.value.get() {
-        // Still being looked up: join it.
-        None => true,
-        Some(Err(Error::Unavailable(_))) => now.duration_since(entry.created) < UNAVAILABLE_TTL,
-        Some(_) => now.duration_since(entry.created) < ttl,
-    }
-}
-
-/// Answers by key, bounded by bytes and expired by age ([`expiring::ExpiringMap`]).
-struct Cache(expiring::ExpiringMap<Arc<str>, Answer>);
-
-impl Default for Cache {
-    fn default() -> Self {
-        Self(expiring::ExpiringMap::new(MAX_CACHE_BYTES))
-    }
-}
-
-impl std::ops::Deref for Cache {
-    type Target = expiring::ExpiringMap<Arc<str>, Answer>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Cache {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Cache {
-    fn get_fresh(&self, key: &str, ttl: Duration, now: Instant) -> Option<Arc<CacheEntry>> {
-        self.0
-            .get(key)
-            .filter(|entry| is_fresh(entry, ttl, now))
-            .cloned()
-    }
-
-    /// A new entry for `key`, its answer to come; counts the key's bytes.
-    fn insert(&mut self, key: &str, now: Instant) -> Arc<CacheEntry> {
-        let bytes = ENTRY_OVERHEAD + key.len();
-        self.0.insert(Arc::from(key), OnceCell::new(), bytes, now)
     }
 }
 
@@ -408,86 +352,9 @@ impl LookupBudget for Budget {
     }
 }
 
-/// HTTP middleware on the socket.io endpoint: refuses a handshake whose query or header
-/// key is not valid, the way Evolution/engine.io do, so clients retry.
-pub async fn check_handshake(
-    State(auth): State<Arc<Authenticator>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if !sio_request::is_handshake(request.uri()) {
-        return next.run(request).await;
-    }
-    let query = request.uri().query().unwrap_or("");
-    let websocket = sio_request::query_param(query, "transport").as_deref() == Some("websocket");
-    let (parts, body) = request.into_parts();
-    let Some(key) = key_from_request(&parts) else {
-        return next.run(Request::from_parts(parts, body)).await;
-    };
-    match auth.resolve(&key, &Budget::of(&parts.extensions)).await {
-        Ok(principal) => {
-            tracing::debug!(principal = %principal.label(), "handshake accepted");
-            next.run(Request::from_parts(parts, body)).await
-        }
-        Err(err) => {
-            tracing::debug!(error = %err, websocket, "handshake refused");
-            metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => err.reason()).increment(1);
-            handshake_refusal(&err, websocket)
-        }
-    }
-}
-
-/// HTTP middleware on `/_sidecar/metrics` on the public listener: instance names and usage
-/// are for the operator, so it takes `Authorization: Bearer <global key>` (Prometheus'
-/// `authorization` scrape setting). Without a global key configured, it is always 401.
-pub async fn require_global_key(
-    State(auth): State<Arc<Authenticator>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    if presented.is_some_and(|key| auth.is_global(key)) {
-        return next.run(request).await;
-    }
-    let body = serde_json::json!({
-        "error": "metrics need `Authorization: Bearer <AUTHENTICATION_API_KEY>` on this listener, or SIDECAR_METRICS_LISTEN"
-    });
-    (
-        StatusCode::UNAUTHORIZED,
-        [
-            (http::header::CONTENT_TYPE, "application/json"),
-            (http::header::WWW_AUTHENTICATE, "Bearer"),
-        ],
-        Body::from(body.to_string()),
-    )
-        .into_response()
-}
-
-/// Evolution's rejection: polling gets 403 `{"code":4,...}`, a websocket upgrade 400; a
-/// client over its lookup rate gets 429 either way.
-fn handshake_refusal(err: &Error, websocket: bool) -> Response {
-    let status = match err {
-        Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        _ if websocket => StatusCode::BAD_REQUEST,
-        _ => StatusCode::FORBIDDEN,
-    };
-    let body = serde_json::json!({ "code": 4, "message": err.to_string() });
-    (
-        status,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        Body::from(body.to_string()),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::cache::ENTRY_OVERHEAD;
     use super::*;
 
     #[test]
