@@ -53,24 +53,28 @@ pub(super) async fn run(
     }
 
     // Under the gate no event is appended: the state, the replay set and the cursor agree.
-    let (mut cursor, replay) = {
+    // Nothing is sent under it (a socket whose queue is full would hold every webhook of
+    // the namespace): this task alone sends to this socket, so sending afterwards keeps the
+    // order state, recovery, replay, live.
+    let (state, mut cursor, replay) = {
         let _gate = log.gate.lock().await;
-        for entry in session.join_state(&log) {
-            // State is not part of the sequence: it carries no offset.
-            if send(&socket, entry.event.as_str(), &*entry.payload)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+        let state = session.join_state(&log);
         head.borrow_and_update();
         let replay = (!offset.is_empty()).then(|| {
             let resume = log.resume(&epoch, &offset);
             (resume.recovered, log.read_after(resume.after, usize::MAX).0)
         });
-        (log.head(), replay)
+        (state, log.head(), replay)
     };
+    for entry in &state {
+        // State is not part of the sequence: it carries no offset.
+        if send(&socket, entry.event.as_str(), &*entry.payload)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 
     if let Some((recovered, missed)) = replay {
         let missed: Vec<Arc<Entry>> = missed

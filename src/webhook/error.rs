@@ -13,9 +13,10 @@ use crate::envelope;
 pub enum Error {
     #[error("shutting down, retry later")]
     Draining,
-    /// Publishing failed before the event was retained (a panic): Evolution retries.
+    /// Publishing failed before the event was retained (a panic, a cancellation):
+    /// Evolution retries. The cause is logged, not sent.
     #[error("the event was not retained, retry later")]
-    NotRetained,
+    NotRetained(String),
     #[error("no such webhook path")]
     NotFound,
     #[error("body is larger than {limit} bytes")]
@@ -54,13 +55,13 @@ impl Error {
     pub(super) fn body_unread(&self) -> bool {
         !matches!(
             self,
-            Error::Envelope(_) | Error::SuffixMismatch { .. } | Error::NotRetained
+            Error::Envelope(_) | Error::SuffixMismatch { .. } | Error::NotRetained(_)
         )
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::Draining | Error::NotRetained => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Draining | Error::NotRetained(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

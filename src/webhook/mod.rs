@@ -218,19 +218,14 @@ async fn accept(
     }
 
     // Stage 7: retain and hand over, unless it is a retry of an accepted event. The 200
-    // comes after the event is retained; publishing never waits for a socket. It runs as
-    // its own task so a client hanging up cannot cut it between "seen" and "retained".
+    // comes after the event is retained; publishing never waits for a socket.
     let fingerprint = (webhook.config.dedupe_window_secs > 0).then(|| dedupe::fingerprint(&body));
     let (bus, event) = (webhook.bus.clone(), envelope.clone());
-    let published = match tokio::spawn(async move { bus.publish(&event, fingerprint).await }).await
-    {
-        Ok(published) => published,
-        Err(err) => {
-            // Nothing says the event was retained: only a retry can make sure it is.
-            tracing::error!(instance = %envelope.instance, event = %envelope.event, error = %err, "publishing failed");
-            return Err(Error::NotRetained);
-        }
-    };
+    let published = retained(async move { bus.publish(&event, fingerprint).await })
+        .await
+        .inspect_err(|err| {
+            tracing::error!(instance = %envelope.instance, event = %envelope.event, error = ?err, "webhook not retained");
+        })?;
     match published {
         Published::Fresh => {}
         Published::Duplicate => {
@@ -250,6 +245,17 @@ async fn accept(
         "webhook accepted"
     );
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// Runs `publish` as its own task, so a client hanging up cannot cut it between "seen" and
+/// "retained". A task that panics or is cancelled says nothing about retention: only
+/// [`Error::NotRetained`] (503, which Evolution retries) is safe, never a 200.
+async fn retained(
+    publish: impl Future<Output = Published> + Send + 'static,
+) -> Result<Published, Error> {
+    tokio::spawn(publish)
+        .await
+        .map_err(|err| Error::NotRetained(err.to_string()))
 }
 
 /// Stages 1 to 4, decided from the request head alone.

@@ -77,3 +77,20 @@ fn config_rules() {
     config.allowed_cidrs = vec!["nope".into()];
     assert!(config.validate().is_err());
 }
+
+#[tokio::test]
+async fn a_publish_that_panics_is_a_retried_503_never_a_200() {
+    // The failure, injected: the publishing task panics before anything is retained.
+    let failed = retained(async { panic!("injected: publishing failed") }).await;
+    let err = failed.expect_err("a panicked publish is not accepted");
+    assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        !err.body_unread(),
+        "the body was read: the connection may stay"
+    );
+    // Positive control: a publish that returns is what it returned.
+    assert_eq!(
+        retained(async { Published::Fresh }).await.unwrap(),
+        Published::Fresh
+    );
+}

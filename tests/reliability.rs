@@ -1,0 +1,158 @@
+//! Faults that must lose no event and stall no namespace: a client that never reads, a
+//! publish that fails. Each test measures (time, delivery counts) and has a positive
+//! control, so it cannot pass because nothing happened.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// Packets queued per socket in the stall test.
+const BUFFER: usize = 64;
+
+/// An Engine.IO polling session driven by hand: it sends, and never polls.
+struct PollingSession {
+    url: String,
+}
+
+impl PollingSession {
+    async fn open(app: &TestApp) -> Self {
+        let base = app.url("/socket.io/?EIO=4&transport=polling");
+        let open = http()
+            .get(&base)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let handshake: serde_json::Value =
+            serde_json::from_str(open.trim_start_matches('0')).expect("an OPEN packet");
+        let sid = handshake["sid"].as_str().expect("a sid").to_owned();
+        Self {
+            url: format!("{base}&sid={sid}"),
+        }
+    }
+
+    async fn send(&self, packet: &str) {
+        let response = http()
+            .post(&self.url)
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(packet.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{packet}");
+    }
+}
+
+/// The `q`-quantile of `samples` (sorted in place).
+fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+    samples[index]
+}
+
+/// Finding 2 of issue 15: a recovering client's delivery task sent the state on join while
+/// holding the namespace gate, waiting up to 10 s for room in a full socket queue, and
+/// every webhook of the namespace (and its 200) waited with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovering_client_that_never_reads_stalls_no_webhook() {
+    let evolution = FakeEvolution::start().await;
+    let mut config = test_config(&evolution.url());
+    config.hub.socket_buffer = BUFFER;
+    let app = Arc::new(spawn_app(config).await);
+    for event in ["connection.update", "qrcode.updated"] {
+        let (status, _) = post_webhook(&app.webhook_url(), event_body(event, "acme", 0)).await;
+        assert_eq!(status, 200, "the instance has state to send on join");
+    }
+
+    // Clients that read: one on rooms, one recovering.
+    let mut js = JsDriver::start().await;
+    let opts = json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY}});
+    js.open_quiet("rooms", &app.url("/acme"), opts.clone())
+        .await;
+    js.open_counting("log", &app.url("/acme"), opts.clone())
+        .await;
+    for id in ["rooms", "log"] {
+        assert_eq!(js.wait_connected(id).await["type"], "connect");
+    }
+
+    // The client that never reads: a polling session that never polls, so whatever is
+    // queued for it stays. Its queue is filled through another namespace of the same
+    // session until exactly the CONNECT answer and one state event still fit.
+    let stuck = PollingSession::open(&app).await;
+    stuck
+        .send(&format!("40/flood,{}", json!({"apikey": GLOBAL_KEY})))
+        .await;
+    eventually("the stuck client joined /flood", async || {
+        app.hub.socket_count() == 3
+    })
+    .await;
+    for n in 1..=(BUFFER as u64 - 3) {
+        let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "flood", n)).await;
+        assert_eq!(status, 200);
+    }
+
+    // Now it joins /acme as a recovering snapshot client: the second state event finds
+    // its queue full.
+    let auth = json!({"apikey": GLOBAL_KEY, "offset": "", "snapshot": true});
+    stuck.send(&format!("40/acme,{auth}")).await;
+    eventually("the stuck client joined /acme", async || {
+        app.hub.socket_count() == 4
+    })
+    .await;
+
+    // 1,000 webhooks to its namespace from 16 senders, each timed.
+    let total = 1000u64;
+    let senders = 16;
+    let mut tasks = Vec::new();
+    for sender in 0..senders {
+        let url = app.webhook_url();
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            for n in (1..=total).filter(|n| n % senders == sender) {
+                let started = Instant::now();
+                let (status, _) = post_webhook(&url, event_body("call", "acme", n)).await;
+                assert_eq!(status, 200);
+                took.push(started.elapsed());
+            }
+            took
+        }));
+    }
+    let mut took = Vec::new();
+    for task in tasks {
+        took.extend(task.await.unwrap());
+    }
+    assert_eq!(took.len() as u64, total);
+    let p50 = quantile(&mut took, 0.5);
+    let p99 = quantile(&mut took, 0.99);
+    let max = *took.last().unwrap();
+    println!("stuck recovering client: {total} webhooks, p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    assert!(
+        p99 < Duration::from_millis(50),
+        "a client that never reads held the namespace: p99 {p99:?}, max {max:?}"
+    );
+
+    // Every other client got every event (from 16 senders, so not in order).
+    for id in ["rooms", "log"] {
+        let summary = eventually_value(
+            &format!("{id} gets all {total} events"),
+            Duration::from_secs(30),
+            async || {
+                let summary = js.summary(id).await;
+                if summary["unique"] == total {
+                    Ok(summary)
+                } else {
+                    Err(summary)
+                }
+            },
+        )
+        .await;
+        assert_eq!(summary["count"], total, "{id}: {summary}");
+    }
+    js.shutdown().await;
+}
