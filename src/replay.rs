@@ -9,8 +9,11 @@
 //! and its last `qrcode.updated`.
 //!
 //! Eviction is amortized: each append pops what fell out of the bounds from the front of
-//! that namespace's queue; the total bound evicts the globally oldest entries. A sweeper
-//! (owned by the app, stopped when it drops) applies the age bound to idle namespaces.
+//! that namespace's queue; the total bound evicts the globally oldest entries, events and
+//! state alike, from one arrival-order queue (O(1) each, whatever the number of
+//! namespaces). State is kept for [`STATE_MAX_AGE`] and counts towards the total bytes.
+//! At most [`MAX_LOGS`] logs are held. A sweeper (owned by the app, stopped when it drops)
+//! applies the age bounds to idle namespaces.
 //! This module knows nothing of sockets or HTTP.
 
 use std::collections::{HashMap, VecDeque};
@@ -71,6 +74,14 @@ impl Config {
 
 /// How long a `qrcode.updated` stays part of the state shown to late joiners.
 const QRCODE_FRESHNESS: Duration = Duration::from_secs(60);
+
+/// How long an instance's last `connection.update` (and `qrcode.updated`) is kept for late
+/// joiners when nothing newer comes; it also counts towards `max_total_bytes`.
+pub const STATE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The most namespace logs held at once. One exists per instance (and `/`) with retained
+/// events, state or a socket; past this an idle one is dropped to make room.
+pub const MAX_LOGS: usize = 100_000;
 
 /// One retained event.
 #[derive(Debug)]
@@ -153,6 +164,8 @@ struct LogInner {
     evicted_through: u64,
     last_connection_update: Option<Arc<Entry>>,
     last_qrcode: Option<Arc<Entry>>,
+    /// Bytes of the two state slots, counted in the store's total.
+    state_bytes: u64,
 }
 
 /// All namespaces' logs.
@@ -161,6 +174,14 @@ pub struct Store {
     /// Random per start in memory mode; with Redis, the cluster's (adopted once reachable).
     epoch: std::sync::RwLock<String>,
     logs: Mutex<HashMap<String, Arc<NamespaceLog>>>,
+    /// Every retained event and state entry in arrival order, across namespaces: the
+    /// globally oldest is at the front, so the total bound evicts in O(1) per entry.
+    /// Entries that left their log otherwise (per-namespace bounds, a newer state, a
+    /// deleted instance) stay here, stale, until they reach the front or a compaction.
+    arrivals: Mutex<VecDeque<Arrival>>,
+    /// [`MAX_LOGS`], smaller in tests.
+    max_logs: usize,
+    /// Event and state bytes retained across all namespaces.
     total_bytes: AtomicU64,
     /// The newest sequence number given out in any namespace: a log created again after
     /// a sweep starts above it, so it never reuses an offset.
@@ -169,11 +190,17 @@ pub struct Store {
 
 impl Store {
     pub fn new(config: &Config) -> Result<Arc<Self>, setting::Error> {
+        Self::with_max_logs(config, MAX_LOGS)
+    }
+
+    fn with_max_logs(config: &Config, max_logs: usize) -> Result<Arc<Self>, setting::Error> {
         config.validate()?;
         Ok(Arc::new(Self {
+            max_logs,
             config: config.clone(),
             epoch: std::sync::RwLock::new(new_epoch()),
             logs: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(VecDeque::new()),
             total_bytes: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
         }))
@@ -194,12 +221,16 @@ impl Store {
         Duration::from_secs(self.config.max_age_secs)
     }
 
-    /// The log of `namespace`, created on first use.
+    /// The log of `namespace`, created on first use. Past [`MAX_LOGS`], an idle log (no
+    /// socket, no delivery in progress) is dropped first, the emptiest and oldest first.
     pub fn log(self: &Arc<Self>, namespace: &str) -> Arc<NamespaceLog> {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
         // Every webhook asks: no key allocation when the log exists.
         if let Some(log) = logs.get(namespace) {
             return log.clone();
+        }
+        if logs.len() >= self.max_logs {
+            self.drop_idle_log(&mut logs);
         }
         logs.entry(namespace.to_owned())
             .or_insert_with(|| {
@@ -225,7 +256,8 @@ impl Store {
         self.total_bytes.load(Ordering::Relaxed)
     }
 
-    /// Applies the age bound everywhere, and forgets empty logs nobody holds.
+    /// Applies the age bounds everywhere (events, and state after [`STATE_MAX_AGE`]),
+    /// forgets empty logs nobody holds, and drops stale arrivals.
     pub fn sweep(&self) {
         let logs: Vec<(String, Arc<NamespaceLog>)> = {
             let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,17 +267,56 @@ impl Store {
         for (_, log) in &logs {
             let mut inner = log.lock();
             self.evict(&mut inner, now, 0);
+            self.expire_state(&mut inner, now);
         }
         let mut map = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, log| {
-            // Ours, plus the clone in `logs` above: nobody else holds it.
-            let idle = Arc::strong_count(log) <= 2 && log.head.receiver_count() == 0;
-            let inner = log.lock();
-            !(idle
-                && inner.entries.is_empty()
-                && inner.last_connection_update.is_none()
-                && inner.last_qrcode.is_none())
-        });
+        // Ours, plus the clone in `logs` above: nobody else holds it.
+        map.retain(|_, log| !(Arc::strong_count(log) <= 2 && log.is_idle_and_empty()));
+        drop(map);
+        self.compact_arrivals();
+    }
+
+    /// Drops state older than [`STATE_MAX_AGE`] (a `qrcode.updated` stops being shown
+    /// after a minute, but is only dropped here).
+    fn expire_state(&self, inner: &mut LogInner, now: Instant) {
+        for slot in [&mut inner.last_connection_update, &mut inner.last_qrcode] {
+            if slot
+                .as_ref()
+                .is_some_and(|entry| now.duration_since(entry.at) > STATE_MAX_AGE)
+            {
+                let bytes = slot.take().map_or(0, |entry| entry.bytes());
+                inner.state_bytes -= bytes;
+                self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops one idle log to make room for a new one: an empty one if any, else the one
+    /// whose newest event is oldest. Its retained events and state go with it. A log with
+    /// a socket or a delivery in progress (another holder of its `Arc`) is never dropped.
+    fn drop_idle_log(&self, logs: &mut HashMap<String, Arc<NamespaceLog>>) {
+        let idle = logs
+            .iter()
+            .filter(|(_, log)| Arc::strong_count(log) == 1 && log.head.receiver_count() == 0)
+            .min_by_key(|(_, log)| {
+                let inner = log.lock();
+                let newest = inner.entries.back().map(|entry| entry.at);
+                (newest.is_some(), newest)
+            })
+            .map(|(name, _)| name.clone());
+        if let Some(name) = idle
+            && let Some(log) = logs.remove(&name)
+        {
+            let mut inner = log.lock();
+            while !inner.entries.is_empty() {
+                self.pop_front(&mut inner);
+            }
+            self.total_bytes
+                .fetch_sub(inner.state_bytes, Ordering::Relaxed);
+            inner.state_bytes = 0;
+            inner.last_connection_update = None;
+            inner.last_qrcode = None;
+        }
     }
 
     /// Pops entries that break the per-namespace bounds; `incoming` bytes are about to be added.
@@ -272,45 +343,142 @@ impl Store {
         }
     }
 
-    /// Evicts the globally oldest entries until the total fits. Scans the namespaces, so
-    /// it costs O(namespaces) per eviction; it only runs past the total bound.
+    /// Evicts the globally oldest entries (events and state alike) until the total fits:
+    /// the front of `arrivals`, O(1) each, whatever the number of namespaces.
     fn enforce_total(&self, incoming: u64) {
+        if self.total_bytes() + incoming <= self.config.max_total_bytes {
+            return;
+        }
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
         while self.total_bytes() + incoming > self.config.max_total_bytes {
-            let logs: Vec<Arc<NamespaceLog>> = {
-                let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-                logs.values().cloned().collect()
+            let Some(arrival) = arrivals.pop_front() else {
+                break;
             };
-            let oldest = logs
-                .iter()
-                .filter_map(|log| log.lock().entries.front().map(|e| (e.at, log.clone())))
-                .min_by_key(|(at, _)| *at);
-            match oldest {
-                Some((_, log)) => self.pop_front(&mut log.lock()),
-                None => break,
+            let Some(log) = arrival.log.upgrade() else {
+                continue;
+            };
+            let mut guard = log.lock();
+            let inner = &mut *guard;
+            if arrival.state {
+                for slot in [&mut inner.last_connection_update, &mut inner.last_qrcode] {
+                    if slot.as_ref().is_some_and(|entry| entry.seq == arrival.seq) {
+                        let bytes = slot.take().map_or(0, |entry| entry.bytes());
+                        inner.state_bytes -= bytes;
+                        self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    }
+                }
+            } else if inner
+                .entries
+                .front()
+                .is_some_and(|entry| entry.seq == arrival.seq)
+            {
+                self.pop_front(inner);
             }
+        }
+    }
+
+    /// Records an appended entry (and, for state, its state slot) as the newest arrival,
+    /// dropping stale arrivals from the front as it goes.
+    fn arrived(&self, log: &Arc<NamespaceLog>, seq: u64, state: bool) {
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        let weak = Arc::downgrade(log);
+        if state {
+            arrivals.push_back(Arrival {
+                log: weak.clone(),
+                seq,
+                state: true,
+            });
+        }
+        arrivals.push_back(Arrival {
+            log: weak,
+            seq,
+            state: false,
+        });
+        while arrivals.front().is_some_and(|front| !front.is_live()) {
+            arrivals.pop_front();
+        }
+    }
+
+    /// Drops every stale arrival (each sweep), so the queue stays proportional to what is
+    /// retained plus one sweep period of appends.
+    fn compact_arrivals(&self) {
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        arrivals.retain(Arrival::is_live);
+    }
+
+    /// Entries (events and state slots) the arrival queue holds, stale ones included.
+    pub fn arrivals_len(&self) -> usize {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Namespace logs held now.
+    pub fn log_count(&self) -> usize {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// One retained entry in arrival order: an event (`state: false`) or a state slot.
+struct Arrival {
+    log: Weak<NamespaceLog>,
+    seq: u64,
+    state: bool,
+}
+
+impl Arrival {
+    /// Whether what it names is still retained.
+    fn is_live(&self) -> bool {
+        let Some(log) = self.log.upgrade() else {
+            return false;
+        };
+        let inner = log.lock();
+        if self.state {
+            [&inner.last_connection_update, &inner.last_qrcode]
+                .iter()
+                .any(|slot| slot.as_ref().is_some_and(|entry| entry.seq == self.seq))
+        } else {
+            inner
+                .entries
+                .front()
+                .is_some_and(|front| front.seq <= self.seq)
         }
     }
 }
 
 impl NamespaceLog {
+    /// No delivery task follows it and it holds nothing.
+    fn is_idle_and_empty(&self) -> bool {
+        let inner = self.lock();
+        self.head.receiver_count() == 0
+            && inner.entries.is_empty()
+            && inner.last_connection_update.is_none()
+            && inner.last_qrcode.is_none()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Retains `envelope` with the next sequence number and returns its entry. Callers hold
     /// [`NamespaceLog::gate`].
-    pub fn append(&self, envelope: &Envelope) -> Arc<Entry> {
+    pub fn append(self: &Arc<Self>, envelope: &Envelope) -> Arc<Entry> {
         self.append_at(envelope, 0)
     }
 
     /// Retains `envelope` as sequence number `seq` (a Redis stream position), or the next
     /// one if `seq` would not be newer than the head: numbers only ever grow.
-    pub fn append_at(&self, envelope: &Envelope, seq: u64) -> Arc<Entry> {
+    pub fn append_at(self: &Arc<Self>, envelope: &Envelope, seq: u64) -> Arc<Entry> {
         let Some(store) = self.store.upgrade() else {
             return Arc::new(self.entry(envelope, 0, ""));
         };
         let epoch = store.epoch();
         let now = Instant::now();
+        let state = matches!(
+            envelope.event.as_str(),
+            "connection.update" | "qrcode.updated"
+        );
         let (entry, incoming) = {
             let mut inner = self.lock();
             // Per namespace, so every replica numbers a stream entry alike.
@@ -320,21 +488,31 @@ impl NamespaceLog {
             let entry = Arc::new(self.entry(envelope, seq, &epoch));
             let incoming = entry.bytes();
             store.evict(&mut inner, now, incoming);
-            match entry.event.as_str() {
-                "connection.update" => inner.last_connection_update = Some(entry.clone()),
-                "qrcode.updated" => inner.last_qrcode = Some(entry.clone()),
-                _ => {}
-            }
             (entry, incoming)
         };
+        // State counts towards the total too (twice while it is also a retained event).
+        let total_incoming = if state { 2 * incoming } else { incoming };
         // The total bound may evict from any namespace, this one included: not under our lock.
-        store.enforce_total(incoming);
+        store.enforce_total(total_incoming);
         {
             let mut inner = self.lock();
             inner.bytes += incoming;
             inner.entries.push_back(entry.clone());
+            if state {
+                let slot = if entry.event.as_str() == "connection.update" {
+                    &mut inner.last_connection_update
+                } else {
+                    &mut inner.last_qrcode
+                };
+                let replaced = slot.replace(entry.clone()).map_or(0, |old| old.bytes());
+                inner.state_bytes = inner.state_bytes + incoming - replaced;
+                store.total_bytes.fetch_sub(replaced, Ordering::Relaxed);
+            }
         }
-        store.total_bytes.fetch_add(incoming, Ordering::Relaxed);
+        store
+            .total_bytes
+            .fetch_add(total_incoming, Ordering::Relaxed);
+        store.arrived(self, entry.seq, state);
         self.head.send_replace(entry.seq);
         entry
     }
@@ -363,6 +541,10 @@ impl NamespaceLog {
         inner.evicted_through = inner.head;
         inner.last_connection_update = None;
         inner.last_qrcode = None;
+        store
+            .total_bytes
+            .fetch_sub(inner.state_bytes, Ordering::Relaxed);
+        inner.state_bytes = 0;
     }
 
     /// The newest sequence number (0 when nothing was ever appended).

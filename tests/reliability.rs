@@ -156,3 +156,62 @@ async fn a_recovering_client_that_never_reads_stalls_no_webhook() {
     }
     js.shutdown().await;
 }
+
+/// Finding 6 of issue 15: evicting past the total bound scanned every namespace per
+/// evicted entry (one 10 MB webhook among 40,000 namespaces took 90.9 s to answer), and
+/// each namespace's last `connection.update` was kept outside the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_webhook_among_40000_namespaces_is_answered_within_a_second() {
+    let evolution = FakeEvolution::start().await;
+    let bound = 20 * 1024 * 1024;
+    let mut config = test_config(&evolution.url());
+    config.replay.max_bytes = bound;
+    config.replay.max_total_bytes = bound;
+    let app = evo_realtime::App::build(&config).unwrap();
+    let (bus, replay) = (app.bus().clone(), app.replay().clone());
+    let namespaces = 40_000u64;
+    let started = Instant::now();
+    for i in 0..namespaces {
+        let body = json!({"event": "connection.update", "instance": format!("i{i}"),
+                          "data": {"state": "open", "pad": "x".repeat(512)}});
+        let envelope =
+            evo_realtime::envelope::Envelope::from_webhook(body.to_string().as_bytes()).unwrap();
+        bus.publish(&envelope, None).await;
+    }
+    println!(
+        "{namespaces} namespaces with state in {:?}: {} logs, {} bytes retained",
+        started.elapsed(),
+        replay.log_count(),
+        replay.total_bytes()
+    );
+    assert_eq!(replay.log_count() as u64, namespaces);
+    assert!(
+        replay.total_bytes() <= bound,
+        "state counts towards the bound"
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(app.serve(listener, std::future::pending()));
+    let url = format!("http://{addr}/_sidecar/webhook");
+    // Positive control: a small webhook, answered as usual.
+    let (status, _) = post_webhook(&url, event_body("call", "small", 1)).await;
+    assert_eq!(status, 200);
+
+    let large = json!({"event": "messages.upsert", "instance": "large",
+                       "data": {"pad": "x".repeat(10 * 1024 * 1024)}})
+    .to_string();
+    let before = replay.total_bytes();
+    let started = Instant::now();
+    let (status, _) = post_webhook(&url, large).await;
+    let took = started.elapsed();
+    println!("a 10 MB webhook among {namespaces} namespaces: {status} in {took:?}");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(replay.total_bytes() <= bound);
+    assert!(
+        before + 10 * 1024 * 1024 > bound,
+        "the webhook really had to evict: {before} retained before"
+    );
+    serving.abort();
+}

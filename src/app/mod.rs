@@ -166,6 +166,11 @@ impl App {
         &self.bus
     }
 
+    /// The retained events, to look at their bounds.
+    pub fn replay(&self) -> &Arc<replay::Store> {
+        &self.replay
+    }
+
     /// Binds the separate metrics listener, if one is configured.
     pub async fn bind_metrics(&self) -> std::io::Result<Option<TcpListener>> {
         match &self.metrics_router {

@@ -158,3 +158,92 @@ fn a_swept_log_never_reuses_offsets() {
         "what the old log had is unknown"
     );
 }
+
+fn envelope_for(instance: &str, event: &str, pad: usize) -> Envelope {
+    let body = format!(
+        r#"{{"event":"{event}","instance":"{instance}","data":{{"pad":"{}"}}}}"#,
+        "x".repeat(pad)
+    );
+    Envelope::from_webhook(body.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_total_bound_covers_state_and_evicts_the_oldest_across_namespaces() {
+    let bound = 2 * 1024 * 1024;
+    let store = store(Config {
+        max_bytes: bound,
+        max_total_bytes: bound,
+        ..Config::default()
+    });
+    // 2,000 instances, each with a 6 KB connection.update: 12 MB of state before the
+    // bound, which counted only events and kept every state forever.
+    let logs: Vec<_> = (0..2000)
+        .map(|i| {
+            let log = store.log(&format!("/i{i}"));
+            log.append(&envelope_for(
+                &format!("i{i}"),
+                "connection.update",
+                6 * 1024,
+            ));
+            log
+        })
+        .collect();
+    assert!(
+        store.total_bytes() <= bound,
+        "{} retained over a {bound} bound",
+        store.total_bytes()
+    );
+    assert!(logs[0].state().is_empty(), "the oldest state went first");
+    assert_eq!(logs[1999].state().len(), 1, "the newest state is kept");
+    // Positive control: without the bound, all of it is retained.
+    let unbounded = self::store(Config::default());
+    for i in 0..2000 {
+        unbounded.log(&format!("/i{i}")).append(&envelope_for(
+            &format!("i{i}"),
+            "connection.update",
+            6 * 1024,
+        ));
+    }
+    assert!(unbounded.total_bytes() > 12 * 1024 * 1024);
+}
+
+#[test]
+fn stale_arrivals_are_compacted_by_the_sweep() {
+    let store = store(Config {
+        max_events: 2,
+        ..Config::default()
+    });
+    let log = store.log("/acme");
+    for n in 0..1000 {
+        log.append(&envelope("call", n));
+    }
+    // Per-namespace eviction leaves stale arrivals behind the live front.
+    assert!(store.arrivals_len() <= 1000);
+    store.sweep();
+    assert_eq!(store.arrivals_len(), 2, "only the two retained events");
+}
+
+#[test]
+fn the_number_of_logs_is_bounded_and_a_held_log_is_never_dropped() {
+    let store = Store::with_max_logs(&Config::default(), 3).unwrap();
+    let held = store.log("/held");
+    held.append(&envelope("call", 0));
+    store.log("/busy").append(&envelope("call", 1));
+    store.log("/empty");
+    assert_eq!(store.log_count(), 3);
+    store.log("/new");
+    assert_eq!(store.log_count(), 3, "one idle log made room");
+    let names: Vec<String> = store.logs.lock().unwrap().keys().cloned().collect();
+    assert!(
+        !names.contains(&"/empty".to_owned()),
+        "an empty one first: {names:?}"
+    );
+    store.log("/newer");
+    let names: Vec<String> = store.logs.lock().unwrap().keys().cloned().collect();
+    assert!(
+        names.contains(&"/held".to_owned()),
+        "a held log stays: {names:?}"
+    );
+    assert_eq!(store.log_count(), 3);
+    assert_eq!(held.read_after(0, 10).0.len(), 1);
+}
