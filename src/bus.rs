@@ -16,12 +16,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cluster::Cluster;
+use crate::cluster::{self, Cluster, StreamEntry};
 use crate::dedupe::Dedupe;
 use crate::envelope::Envelope;
 use crate::expiring::ExpiringMap;
 use crate::hub::{self, Hub};
 use crate::replay;
+use crate::telemetry;
 
 /// What became of a published event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +103,11 @@ impl Bus {
         {
             return Published::Filtered;
         }
-        if let Some(cluster) = &self.cluster {
+        // While Redis is known to be down the circuit is open: publish here at once rather
+        // than wait for a timeout per webhook; the reader's retries close it again.
+        if let Some(cluster) = &self.cluster
+            && cluster.health() != cluster::Health::Down
+        {
             let dedupe = fingerprint.map(|print| (print, self.dedupe_window));
             match cluster.append(envelope, dedupe).await {
                 Ok(Some(_)) => return Published::Fresh,
@@ -140,6 +145,7 @@ impl Bus {
     async fn follow(&self, cluster: &Cluster) {
         let mut after = cluster.start_id();
         let mut epoch_adopted = false;
+        let mut batch = cluster::READ_BATCH;
         loop {
             if !epoch_adopted {
                 match cluster.epoch(&self.replay.epoch()).await {
@@ -153,28 +159,52 @@ impl Bus {
                     }
                 }
             }
-            match cluster.read(&after).await {
-                Ok(deliveries) => {
-                    for delivery in deliveries {
-                        let delivered_here = delivery.fingerprint.is_some_and(|print| {
-                            let mut local_only =
-                                self.local_only.lock().unwrap_or_else(|e| e.into_inner());
-                            let known = local_only.get(&print).is_some();
-                            local_only.remove(&print);
-                            known
-                        });
-                        if !delivered_here {
-                            self.hub.deliver(&delivery.envelope, delivery.seq).await;
-                        }
-                        after = delivery.id;
+            telemetry::meters()
+                .redis_reader_stalled
+                .set(if cluster.is_stalled() { 1.0 } else { 0.0 });
+            match cluster.read(&after, batch).await {
+                Ok(entries) => {
+                    batch = (batch * 2).min(cluster::READ_BATCH);
+                    for entry in entries {
+                        after = self.deliver_entry(entry).await;
                     }
                 }
                 Err(err) => {
-                    tracing::debug!(error = %err, "redis stream read failed");
+                    tracing::debug!(error = %err, batch, "redis stream read failed");
+                    if matches!(err, cluster::Error::Timeout) {
+                        // Too much to arrive in time (or Redis is slow): ask for less.
+                        batch = (batch / 2).max(1);
+                    }
                     // Redis may come back empty: check the epoch again first.
                     epoch_adopted = false;
                     tokio::time::sleep(RECONNECT_PAUSE).await;
                 }
+            }
+        }
+    }
+
+    /// Delivers one stream entry (unless this replica delivered it already, or it does
+    /// not parse) and returns its ID, the reader's next position.
+    async fn deliver_entry(&self, entry: StreamEntry) -> String {
+        match entry {
+            StreamEntry::Delivery(delivery) => {
+                let delivered_here = delivery.fingerprint.is_some_and(|print| {
+                    let mut local_only = self.local_only.lock().unwrap_or_else(|e| e.into_inner());
+                    let known = local_only.get(&print).is_some();
+                    local_only.remove(&print);
+                    known
+                });
+                if !delivered_here {
+                    self.hub.deliver(&delivery.envelope, delivery.seq).await;
+                }
+                delivery.id
+            }
+            StreamEntry::Malformed { id, why } => {
+                // Version skew in a rolling upgrade, or a hand-written entry: skipped, so
+                // one bad entry never stops delivery on every replica.
+                tracing::warn!(id = %id, error = %why, "skipping a malformed redis stream entry");
+                telemetry::meters().redis_malformed_entries.increment(1);
+                id
             }
         }
     }

@@ -13,11 +13,13 @@
 //! socket operations are not needed: a client's emits are served by the replica it is on.
 //!
 //! Every call has a timeout; callers fall back to local delivery and local state while
-//! Redis is unreachable ([`Cluster::is_up`]), and the connection managers reconnect.
+//! Redis is unreachable ([`Cluster::health`] is the circuit: while it says `Down`,
+//! publishers do not even try), and the connection managers reconnect. A malformed
+//! entry never blocks the stream ([`StreamEntry::Malformed`]).
 //! This module knows nothing of sockets or HTTP.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -77,8 +79,12 @@ end
 return redis.call("XADD", KEYS[1], "MINID", "~", ARGV[2], "*",
   "e", ARGV[3], "i", ARGV[4], "p", ARGV[5], "f", ARGV[6])
 "#;
-/// Entries read per `XREAD`.
-const READ_BATCH: usize = 512;
+/// The most entries read per `XREAD`. A read that times out halves the next one (down
+/// to one entry), a read that succeeds doubles it back: a batch always fits the timeout.
+pub const READ_BATCH: usize = 512;
+/// A reader with no successful read for this long, while Redis answers the writer, is
+/// stalled (readyz says `"redis":"stalled"`).
+const STALL_AFTER: Duration = Duration::from_secs(10);
 /// How long one `XREAD` waits for new entries.
 const READ_BLOCK: Duration = Duration::from_millis(1000);
 
@@ -99,9 +105,32 @@ pub struct Cluster {
     reader: ConnectionManager,
     timeout: Duration,
     retention: Duration,
-    up: AtomicBool,
+    /// What the last call said: [`Health::Unknown`] until one answered.
+    health: AtomicU8,
+    /// When the stream reader last read successfully (entries or none).
+    read_ok_at: std::sync::Mutex<std::time::Instant>,
     /// Set once this replica has read the retained stream up to its end.
     caught_up: AtomicBool,
+}
+
+/// What Redis said last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// No call has answered yet (start).
+    Unknown = 0,
+    Up = 1,
+    Down = 2,
+}
+
+/// One entry of the stream, as read.
+pub enum StreamEntry {
+    Delivery(Delivery),
+    /// An entry that does not parse: skipped, logged and counted by the reader.
+    Malformed {
+        id: String,
+        why: String,
+    },
 }
 
 /// One event read from the stream.
@@ -137,7 +166,8 @@ impl Cluster {
             reader: manager(READ_BLOCK + timeout)?,
             timeout,
             retention,
-            up: AtomicBool::new(false),
+            health: AtomicU8::new(Health::Unknown as u8),
+            read_ok_at: std::sync::Mutex::new(std::time::Instant::now()),
             caught_up: AtomicBool::new(false),
         })))
     }
@@ -150,13 +180,31 @@ impl Cluster {
 
     /// Whether the last Redis call succeeded.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health() == Health::Up
+    }
+
+    /// What the last Redis call said. `Down` is the open circuit: publishers go local at
+    /// once instead of waiting for a timeout per webhook, while the stream reader keeps
+    /// trying in the background and closes it again.
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Up,
+            2 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Whether the stream reader has made no progress for a while although Redis answers.
+    pub fn is_stalled(&self) -> bool {
+        let read_ok_at = *self.read_ok_at.lock().unwrap_or_else(|e| e.into_inner());
+        self.is_up() && read_ok_at.elapsed() > STALL_AFTER
     }
 
     fn record<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
         let up = result.is_ok();
         telemetry::meters().redis_up.set(if up { 1.0 } else { 0.0 });
-        if self.up.swap(up, Ordering::Relaxed) != up {
+        let health = if up { Health::Up } else { Health::Down };
+        if self.health.swap(health as u8, Ordering::Relaxed) != health as u8 {
             if up {
                 tracing::info!("redis reachable: replicas share fan-out and retention");
             } else if let Err(err) = &result {
@@ -234,13 +282,15 @@ impl Cluster {
         self.bounded(call, self.timeout).await
     }
 
-    /// The entries after stream ID `after`, waiting up to a second for new ones.
-    pub async fn read(&self, after: &str) -> Result<Vec<Delivery>, Error> {
+    /// Up to `count` entries after stream ID `after`, waiting up to a second for new ones.
+    /// An entry that does not parse (another version's, a hand-written one) is returned as
+    /// [`StreamEntry::Malformed`], never failing the batch: the reader skips it.
+    pub async fn read(&self, after: &str, count: usize) -> Result<Vec<StreamEntry>, Error> {
         let mut connection = self.reader.clone();
         let mut command = redis::cmd("XREAD");
         command
             .arg("COUNT")
-            .arg(READ_BATCH)
+            .arg(count.max(1))
             .arg("BLOCK")
             .arg(READ_BLOCK.as_millis() as u64)
             .arg("STREAMS")
@@ -248,16 +298,23 @@ impl Cluster {
             .arg(after);
         let call = command.query_async::<Option<StreamReadReply>>(&mut connection);
         let reply = self.bounded(call, READ_BLOCK + self.timeout).await?;
-        let mut deliveries = Vec::new();
+        *self.read_ok_at.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
-                deliveries.push(parse_entry(&entry.id, &entry.map)?);
+                entries.push(match parse_entry(&entry.id, &entry.map) {
+                    Ok(delivery) => StreamEntry::Delivery(delivery),
+                    Err(err) => StreamEntry::Malformed {
+                        id: entry.id,
+                        why: err.to_string(),
+                    },
+                });
             }
         }
-        if deliveries.len() < READ_BATCH {
+        if entries.len() < count.max(1) {
             self.caught_up.store(true, Ordering::Relaxed);
         }
-        Ok(deliveries)
+        Ok(entries)
     }
 
     /// Where a new replica starts reading: the oldest entry still within retention.

@@ -78,15 +78,13 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     // Redis only degrades: every replica shares it, and a blip must not take them all out.
-    let redis =
-        health
-            .cluster
-            .as_ref()
-            .map(|cluster| match (cluster.is_up(), cluster.is_caught_up()) {
-                (false, _) => "degraded",
-                (true, false) => "catching_up",
-                (true, true) => "ok",
-            });
+    let redis = health.cluster.as_ref().map(|cluster| {
+        redis_status(
+            cluster.is_up(),
+            cluster.is_caught_up(),
+            cluster.is_stalled(),
+        )
+    });
     let mut body = if health.upstream_up().await {
         serde_json::json!({ "status": "ready", "upstream": "up" })
     } else {
@@ -95,11 +93,43 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     if let Some(redis) = redis {
         body["redis"] = redis.into();
     }
-    // A replica still reading the retained stream would serve a partial log.
-    let status = if body["upstream"] == "up" && redis != Some("catching_up") {
+    // A replica still reading the retained stream (or stalled before it caught up) would
+    // serve a partial log.
+    let caught_up = health
+        .cluster
+        .as_ref()
+        .is_none_or(|cluster| !cluster.is_up() || cluster.is_caught_up());
+    let status = if body["upstream"] == "up" && caught_up {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// readyz's `redis` field: `degraded` (unreachable: local delivery), `catching_up` (reading
+/// the retained stream; not ready), `stalled` (Redis answers but the stream reader makes no
+/// progress; ready, since local webhooks still work, but clients on other replicas miss
+/// events), or `ok`.
+fn redis_status(up: bool, caught_up: bool, stalled: bool) -> &'static str {
+    match (up, caught_up, stalled) {
+        (false, _, _) => "degraded",
+        (true, _, true) => "stalled",
+        (true, false, false) => "catching_up",
+        (true, true, false) => "ok",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_status;
+
+    #[test]
+    fn redis_statuses() {
+        assert_eq!(redis_status(false, true, true), "degraded");
+        assert_eq!(redis_status(true, true, true), "stalled");
+        assert_eq!(redis_status(true, false, true), "stalled");
+        assert_eq!(redis_status(true, false, false), "catching_up");
+        assert_eq!(redis_status(true, true, false), "ok");
+    }
 }

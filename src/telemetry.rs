@@ -109,6 +109,8 @@ pub mod names {
     pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
+    pub const REDIS_MALFORMED_ENTRIES: &str = "evo_redis_malformed_entries_total";
+    pub const REDIS_READER_STALLED: &str = "evo_redis_reader_stalled";
     pub const REVOCATIONS: &str = "evo_socket_revocations_total";
     pub const EMIT_BYTES_REFUSED: &str = "evo_emit_bytes_refused_total";
     pub const TCP_CONNECTIONS: &str = "evo_tcp_connections";
@@ -129,6 +131,8 @@ pub struct Meters {
     pub webhook_seconds: Histogram,
     pub duplicate_webhooks: Counter,
     pub redis_up: Gauge,
+    pub redis_malformed_entries: Counter,
+    pub redis_reader_stalled: Gauge,
     /// `evo_webhooks_total` per (event label, status): bounded by [`event_label`]'s values
     /// times the statuses ingest answers; each registered on first use.
     webhooks: std::sync::Mutex<HashMap<(&'static str, u16), Counter>>,
@@ -162,6 +166,8 @@ pub fn meters() -> &'static Meters {
             webhook_seconds: metrics::histogram!(names::WEBHOOK_SECONDS),
             duplicate_webhooks: metrics::counter!(names::DUPLICATE_WEBHOOKS),
             redis_up: metrics::gauge!(names::REDIS_UP),
+            redis_malformed_entries: metrics::counter!(names::REDIS_MALFORMED_ENTRIES),
+            redis_reader_stalled: metrics::gauge!(names::REDIS_READER_STALLED),
             webhooks: std::sync::Mutex::new(HashMap::new()),
         }
     })

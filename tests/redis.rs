@@ -319,3 +319,134 @@ async fn a_dropped_app_takes_its_tasks_and_redis_connections_with_it() {
     })
     .await;
 }
+
+async fn one_replica(redis: &RedisServer, evolution: &FakeEvolution) -> TestApp {
+    let app = spawn_app(redis_config(&evolution.url(), redis)).await;
+    let url = app.url("/_sidecar/readyz");
+    eventually_value("redis reports ok", PATIENCE, async || {
+        let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        if body["redis"] == "ok" {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    app
+}
+
+/// A counter's value in `/_sidecar/metrics` (summed over its label sets).
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let body = http()
+        .get(app.url("/_sidecar/metrics"))
+        .bearer_auth(GLOBAL_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Finding 4 of issue 15: one entry that does not parse (version skew in a rolling
+/// upgrade) failed the whole read batch, and the reader retried it for as long as it was
+/// retained: no replica delivered anything, while webhooks kept getting 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_stream_entry_is_skipped_and_counted() {
+    let redis = RedisServer::start().await;
+    let evolution = FakeEvolution::start().await;
+    let app = one_replica(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    js.connect("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    let skipped_before = metric(&app, "evo_redis_malformed_entries_total").await;
+
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = ::redis::cmd("XADD")
+        .arg("evo:events")
+        .arg("*")
+        .arg("e")
+        .arg("not an event!")
+        .arg("i")
+        .arg("acme")
+        .arg("p")
+        .arg("{")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    // The event behind the poisoned entry still arrives.
+    let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "acme", 7)).await;
+    assert_eq!(status, 200);
+    assert_eq!(n_of(&js.next_event("c").await.1), 7);
+    eventually("the skipped entry is counted", async || {
+        metric(&app, "evo_redis_malformed_entries_total").await > skipped_before
+    })
+    .await;
+    js.shutdown().await;
+}
+
+/// Finding 5 of issue 15: with Redis down, every publish still tried Redis first (p50
+/// 150 ms per webhook in the review). The circuit opens at the first failure: webhooks are
+/// delivered locally at once until the stream reader finds Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_stay_fast_while_redis_is_down() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port;
+    let evolution = FakeEvolution::start().await;
+    let app = one_replica(&redis, &evolution).await;
+    let mut js = JsDriver::start().await;
+    js.open_quiet("c", &app.url("/acme"), with_key("websocket", GLOBAL_KEY))
+        .await;
+    assert_eq!(js.wait_connected("c").await["type"], "connect");
+
+    redis.kill();
+    // A steady 40 webhooks/s for 5 s during the outage, each timed.
+    let total = 200u64;
+    let mut took = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    for n in 0..total {
+        tick.tick().await;
+        let started = std::time::Instant::now();
+        let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "acme", n)).await;
+        assert_eq!(status, 200);
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let p50 = took[took.len() / 2];
+    let p99 = took[took.len() * 99 / 100 - 1];
+    let max = *took.last().unwrap();
+    println!("redis down: {total} webhooks at 40/s, p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}, max {max:?}");
+    let summary = eventually_value("the local client gets every event", PATIENCE, async || {
+        let summary = js.summary("c").await;
+        if summary["unique"] == total {
+            Ok(summary)
+        } else {
+            Err(summary)
+        }
+    })
+    .await;
+    assert_eq!(summary["count"], total);
+
+    // Redis back: the circuit closes and events go through the stream again.
+    let _redis = RedisServer::start_on(port).await;
+    let url = app.url("/_sidecar/readyz");
+    eventually("redis is ok again", async || {
+        let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        body["redis"] == "ok"
+    })
+    .await;
+    let (status, _) = post_webhook(&app.webhook_url(), event_body("call", "acme", total)).await;
+    assert_eq!(status, 200);
+    eventually("the event after the outage arrives", async || {
+        js.summary("c").await["unique"] == total + 1
+    })
+    .await;
+    js.shutdown().await;
+}
