@@ -87,8 +87,8 @@ pub struct Guard {
     max_connections: usize,
     /// Connected sockets, kept by the hub.
     connected: Arc<AtomicUsize>,
-    /// Sessions the hub ended; their requests are refused.
-    closed: Arc<sio_request::ClosedSessions>,
+    /// Sessions the hub ended (their requests are refused) or watches.
+    closed: Arc<sio_request::Sessions>,
     checks: AtomicU64,
 }
 
@@ -96,7 +96,7 @@ impl Guard {
     pub fn new(
         config: &Config,
         connected: Arc<AtomicUsize>,
-        closed: Arc<sio_request::ClosedSessions>,
+        closed: Arc<sio_request::Sessions>,
     ) -> Result<Self, setting::Error> {
         let limiter = NonZeroU32::new(config.handshake_rate_per_ip).map(|rate| {
             let burst = NonZeroU32::new(
@@ -219,6 +219,7 @@ pub async fn check_handshake(
     next: Next,
 ) -> Response {
     if let Some(sid) = sio_request::session_id(request.uri().query().unwrap_or("")) {
+        guard.closed.seen(sid);
         if guard.closed.is_closed(sid) {
             // Engine.IO's own answer to a session it does not know.
             let body = serde_json::json!({ "code": 1, "message": "Session ID unknown" });
@@ -263,10 +264,10 @@ pub async fn check_handshake(
 mod tests {
     use super::*;
 
-    fn closed() -> Arc<sio_request::ClosedSessions> {
-        Arc::new(sio_request::ClosedSessions::new(
-            std::time::Duration::from_secs(60),
-        ))
+    fn closed() -> Arc<sio_request::Sessions> {
+        Arc::new(sio_request::Sessions::new(std::time::Duration::from_secs(
+            60,
+        )))
     }
 
     fn guard(config: Config) -> Guard {

@@ -66,25 +66,64 @@ pub fn key_from_request(parts: &http::request::Parts) -> Option<String> {
     })
 }
 
-/// Engine.IO sessions the sidecar ended from outside engineioxide (too many refused
-/// CONNECTs on a polling session, whose transport is many requests): their later requests
-/// are refused, so the session can do nothing more and engineioxide drops it when its
-/// heartbeat goes unanswered. Bounded in entries; an entry expires after `ttl`.
-pub struct ClosedSessions {
+/// What the hub knows of Engine.IO sessions that the guard, which sees every request,
+/// must act on:
+/// - sessions the sidecar ended from outside engineioxide (too many refused CONNECTs on a
+///   polling session, whose transport is many requests): their later requests are refused,
+///   so the session can do nothing more and engineioxide drops it when its heartbeat goes
+///   unanswered. Bounded in entries; an entry expires after `ttl`.
+/// - sessions the hub watches (the polling sessions of strays, whose end socketioxide
+///   never reports): when each last made a request. Bounded in entries.
+pub struct Sessions {
     ttl: std::time::Duration,
     /// Session id → nothing; each counts one "byte", so the bound is in entries.
     sids: std::sync::Mutex<ExpiringMap<String, ()>>,
+    /// Watched session id → its last request.
+    watched: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// The most sessions watched at once (strays are rare: a race of first CONNECTs).
+pub const MAX_WATCHED_SESSIONS: usize = 4096;
 
 /// The most ended sessions remembered at once (16-byte ids: about 2 MiB).
 pub const MAX_CLOSED_SESSIONS: usize = 32_768;
 
-impl ClosedSessions {
+impl Sessions {
     pub fn new(ttl: std::time::Duration) -> Self {
         Self {
             ttl,
             sids: std::sync::Mutex::new(ExpiringMap::new(MAX_CLOSED_SESSIONS)),
+            watched: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Starts noting when `sid` makes requests; `false` when too many are watched.
+    pub fn watch(&self, sid: &str) -> bool {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched.len() >= MAX_WATCHED_SESSIONS && !watched.contains_key(sid) {
+            return false;
+        }
+        watched.insert(sid.to_owned(), std::time::Instant::now());
+        true
+    }
+
+    pub fn unwatch(&self, sid: &str) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        watched.remove(sid);
+    }
+
+    /// A request of `sid` arrived (the guard calls it for every request with a session).
+    pub fn seen(&self, sid: SessionId<'_>) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = watched.get_mut(sid.as_str()) {
+            *at = std::time::Instant::now();
+        }
+    }
+
+    /// When a watched session last made a request.
+    pub fn last_seen(&self, sid: &str) -> Option<std::time::Instant> {
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        watched.get(sid).copied()
     }
 
     pub fn close(&self, sid: &str) {

@@ -86,11 +86,7 @@ impl App {
         )?);
         let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
-        let guard = Arc::new(Guard::new(
-            &config.guard,
-            hub.connected(),
-            hub.closed_sessions(),
-        )?);
+        let guard = Arc::new(Guard::new(&config.guard, hub.connected(), hub.sessions())?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
             cluster,

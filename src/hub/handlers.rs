@@ -50,7 +50,7 @@ pub(super) async fn authorize(
             session.close();
             if socket.transport_type() == TransportType::Polling {
                 // A polling transport is many requests: refuse the session's next ones.
-                shared.closed_sessions.close(&socket.id.to_string());
+                shared.sessions.close(&socket.id.to_string());
             }
         }
     }
@@ -123,7 +123,7 @@ pub(super) async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): S
     }
 
     // Counted before joining, so a concurrent publish never undercounts its audience.
-    shared.rooms.count(socket.ns(), &session, 1);
+    shared.rooms.count(&socket, &session, 1);
     {
         let _gate = log.gate.lock().await;
         let state = session.join_state(&log);
@@ -151,26 +151,41 @@ pub(super) async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): S
                     .collect::<Vec<_>>(),
             );
         }
-    }
-
-    let registered = io
-        .of(socket.ns())
-        .and_then(|ns| ns.get_socket(socket.id))
-        .is_some();
-    if !registered {
-        // The socket's namespace is not the registered one (socketioxide's creation race,
-        // or a refusal that removed it meanwhile): revocation and broadcasts would not see
-        // it. Where the transport can be closed, the client reconnects into the live one.
-        if socket.transport_type() == TransportType::Websocket
-            && let Some(session) = socket.req_parts().extensions.get::<Arc<EngineSession>>()
-            && session.close.is_some()
-        {
-            tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: closing the transport so the client reconnects");
-            session.close();
-            return;
+        // Still under the gate: a socket that lost socketioxide's namespace-creation race
+        // (two first CONNECTs at once; broadcasts to the registered namespace miss it),
+        // this one or one that joined before the namespace was replaced, is a stray before
+        // the next event can be broadcast, so it misses none.
+        for orphan in shared.rooms.orphans(socket.ns(), &io) {
+            adopt_orphan(&shared, &orphan);
         }
+    }
+}
+
+/// A socket that socketioxide's broadcasts no longer reach (see `Rooms::orphans`). Call it
+/// under the namespace gate. A polling socket becomes a stray, served one by one; a
+/// websocket's transport is closed, and the client reconnects into the live namespace
+/// (revocation would not see it either).
+pub(super) fn adopt_orphan(shared: &Shared, socket: &SocketRef) {
+    let engine = socket.req_parts().extensions.get::<Arc<EngineSession>>();
+    let closable = socket.transport_type() == TransportType::Websocket
+        && engine
+            .as_ref()
+            .is_some_and(|session| session.close.is_some());
+    if closable {
+        tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: closing the transport so the client reconnects");
+        if let Some(session) = engine {
+            session.close();
+        }
+        return;
+    }
+    // socketioxide never reports the end of a stray's session: the guard notes its
+    // requests, and `Hub::prune_strays` drops it once they stop.
+    if shared.sessions.watch(&socket.id.to_string()) {
         tracing::warn!(sid = %socket.id, ns = socket.ns(), "namespace creation race: delivering to this socket directly");
-        shared.rooms.add_stray(&socket);
+        shared.rooms.add_stray(socket);
+    } else {
+        // Too many strays watched already: end the polling session instead.
+        shared.sessions.close(&socket.id.to_string());
     }
 }
 
@@ -189,7 +204,7 @@ async fn on_disconnect(
         session.gone.notify_one();
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         if !session.resume.opted_in() {
-            shared.rooms.count(socket.ns(), &session, -1);
+            shared.rooms.count(&socket, &session, -1);
         }
         metrics::gauge!(names::SOCKETS).decrement(1.0);
         let label = shared.namespace_labels.label(socket.ns());
@@ -198,6 +213,7 @@ async fn on_disconnect(
             .increment(1);
     }
     shared.rooms.remove_stray(&socket);
+    shared.sessions.unwatch(&socket.id.to_string());
 }
 
 /// A client emit: forwarded to the upstream REST API, always answered through the ack.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
-use socketioxide::{BroadcastError, SocketIo};
+use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 
 use crate::auth::{Authenticator, Principal};
 use crate::envelope::{Envelope, InstanceName};
@@ -45,6 +45,7 @@ pub use rooms::ALL_ROOM;
 pub use session::{ConnectError, EngineSession, Resume, Session};
 
 use handlers::{authorize, on_connect, revoke};
+
 use namespaces::Admissions;
 use rooms::{Rooms, event_room};
 
@@ -61,7 +62,7 @@ struct Shared {
     /// nobody is joining.
     admissions: Admissions,
     /// Polling sessions ended for too many refused CONNECTs (the guard refuses them).
-    closed_sessions: Arc<sio_request::ClosedSessions>,
+    sessions: Arc<sio_request::Sessions>,
 }
 
 /// A handle to the socket.io server. Cheap to clone.
@@ -72,6 +73,8 @@ pub struct Hub {
     global_events: bool,
     /// Sockets connected now, for the connection cap (`guard`).
     connected: Arc<AtomicUsize>,
+    /// Ping interval + timeout: a session silent this long is gone.
+    heartbeat: Duration,
     /// How long a token socket is kept while Evolution cannot verify its key.
     unverified_grace: Duration,
 }
@@ -95,7 +98,7 @@ impl Hub {
             namespace_labels: NamespaceLabels::default(),
             admissions: Admissions::new(),
             // Past the heartbeat, engineioxide has dropped the session anyway.
-            closed_sessions: Arc::new(sio_request::ClosedSessions::new(
+            sessions: Arc::new(sio_request::Sessions::new(
                 Duration::from_secs(config.ping_interval_secs + config.ping_timeout_secs)
                     .max(CONNECT_TIMEOUT),
             )),
@@ -127,6 +130,9 @@ impl Hub {
                 shared,
                 global_events: config.global_events,
                 connected,
+                heartbeat: Duration::from_secs(
+                    config.ping_interval_secs + config.ping_timeout_secs,
+                ),
                 unverified_grace: Duration::from_secs(config.token_unverified_grace_secs),
             },
         ))
@@ -214,6 +220,11 @@ impl Hub {
         } else {
             meters.emitted_instance.increment(1);
         }
+        // A young namespace may have been replaced inside socketioxide since its sockets
+        // joined: those it no longer reaches become strays before this broadcast.
+        for orphan in self.shared.rooms.orphans(namespace, &self.io) {
+            handlers::adopt_orphan(&self.shared, &orphan);
+        }
         let audience = self.shared.rooms.audience(namespace, upper);
         if audience == 0 {
             return;
@@ -242,10 +253,25 @@ impl Hub {
                 .rooms()
                 .iter()
                 .any(|room| rooms.iter().any(|r| r == room));
-            if member && let Err(err) = socket.emit(event, payload) {
-                tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
+            match socket.emit(event, payload) {
+                _ if !member => {}
+                Ok(()) => meters.deliveries.increment(1),
+                // Gone (its disconnect handler may have run before it was kept): never
+                // emitted to again, so strays cannot pile up.
+                Err(SendError::Socket(SocketError::Closed)) => {
+                    self.shared.rooms.remove_stray(&socket);
+                }
+                Err(err) => {
+                    meters.delivery_drops.increment(1);
+                    tracing::warn!(ns = namespace, sid = %socket.id, error = %err, "socket missed an event");
+                }
             }
         }
+    }
+
+    /// Sockets kept as strays of socketioxide's namespace-creation race, now.
+    pub fn stray_count(&self) -> usize {
+        self.shared.rooms.stray_count()
     }
 
     /// Namespaces socketioxide holds now (`/` included).
@@ -259,8 +285,8 @@ impl Hub {
     }
 
     /// Sessions the hub ended, for the guard to refuse.
-    pub fn closed_sessions(&self) -> Arc<sio_request::ClosedSessions> {
-        self.shared.closed_sessions.clone()
+    pub fn sessions(&self) -> Arc<sio_request::Sessions> {
+        self.shared.sessions.clone()
     }
 
     /// The live count of connected sockets, shared with the connection cap.

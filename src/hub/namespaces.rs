@@ -81,16 +81,43 @@ impl Admissions {
 impl Hub {
     /// Removes namespaces that have no socket, every [`NAMESPACE_SWEEP`], until aborted.
     pub fn sweep_namespaces(&self) -> impl Future<Output = ()> + Send + 'static {
-        let shared = self.shared.clone();
+        let hub = self.clone();
         async move {
-            let mut tick = tokio::time::interval(NAMESPACE_SWEEP);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut namespaces = tokio::time::interval(NAMESPACE_SWEEP);
+            namespaces.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A live polling session makes a request at least every ping interval.
+            let mut strays = tokio::time::interval(hub.heartbeat / 2);
+            strays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                let removed = shared.admissions.sweep();
-                if removed > 0 {
-                    tracing::debug!(removed, "removed namespaces without sockets");
+                tokio::select! {
+                    _ = namespaces.tick() => {
+                        let removed = hub.shared.admissions.sweep();
+                        if removed > 0 {
+                            tracing::debug!(removed, "removed namespaces without sockets");
+                        }
+                    }
+                    _ = strays.tick() => hub.prune_strays(),
                 }
+            }
+        }
+    }
+
+    /// Drops the strays whose Engine.IO session made no request for a heartbeat (ping
+    /// interval + timeout): the client is gone, and socketioxide will not say so. The
+    /// socket is disconnected too, which frees it and the namespace object it lost with.
+    pub fn prune_strays(&self) {
+        for socket in self.shared.rooms.all_strays() {
+            let sid = socket.id.to_string();
+            let alive = self
+                .shared
+                .sessions
+                .last_seen(&sid)
+                .is_some_and(|at| at.elapsed() < self.heartbeat);
+            if !alive {
+                tracing::debug!(sid = %sid, ns = socket.ns(), "stray's session ended: dropped");
+                self.shared.rooms.remove_stray(&socket);
+                self.shared.sessions.unwatch(&sid);
+                let _ = socket.disconnect();
             }
         }
     }

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 
 use super::session::Session;
@@ -28,19 +30,48 @@ pub(super) struct Rooms {
     strays: Mutex<HashMap<String, Vec<SocketRef>>>,
 }
 
-#[derive(Default)]
 struct RoomCounts {
     /// Sockets in [`ALL_ROOM`].
     all: usize,
     /// Sockets per filtered event (UPPER_SNAKE).
     by_event: HashMap<String, usize>,
+    /// When the namespace got its first socket (again).
+    born: Instant,
+    /// Its sockets while it is young ([`YOUTH`]): socketioxide may still replace the
+    /// namespace object they joined (its creation race), so each broadcast checks them.
+    young: Vec<SocketRef>,
 }
+
+impl Default for RoomCounts {
+    fn default() -> Self {
+        Self {
+            all: 0,
+            by_event: HashMap::new(),
+            born: Instant::now(),
+            young: Vec::new(),
+        }
+    }
+}
+
+/// How long after its first socket a namespace may still be replaced inside socketioxide:
+/// only by a creation already in flight then, which ends within milliseconds.
+const YOUTH: Duration = Duration::from_secs(5);
 
 impl Rooms {
     /// Counts a socket in (`delta` 1) or out (-1) of the rooms its filter puts it in.
-    pub(super) fn count(&self, namespace: &str, session: &Session, delta: isize) {
+    pub(super) fn count(&self, socket: &SocketRef, session: &Session, delta: isize) {
+        let namespace = socket.ns();
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let counts = members.entry(namespace.to_owned()).or_default();
+        if counts.born.elapsed() < YOUTH {
+            if delta > 0 {
+                counts.young.push(socket.clone());
+            } else {
+                counts.young.retain(|s| s.id != socket.id);
+            }
+        } else if !counts.young.is_empty() {
+            counts.young = Vec::new();
+        }
         let apply = |n: &mut usize| *n = n.saturating_add_signed(delta);
         if session.filter.is_empty() {
             apply(&mut counts.all);
@@ -61,6 +92,31 @@ impl Rooms {
         members.get(namespace).map_or(0, |counts| {
             counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0)
         })
+    }
+
+    /// The sockets of a young namespace that socketioxide no longer reaches through the
+    /// namespace it has registered (it replaced the one they joined) and that are not
+    /// strays yet. Empty, and free, once the namespace is older than [`YOUTH`].
+    pub(super) fn orphans(&self, namespace: &str, io: &SocketIo) -> Vec<SocketRef> {
+        let young: Vec<SocketRef> = {
+            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            match members.get(namespace) {
+                Some(counts) if counts.born.elapsed() < YOUTH => counts.young.clone(),
+                _ => return Vec::new(),
+            }
+        };
+        let registered = io.of(namespace);
+        let strays = self.strays(namespace);
+        young
+            .into_iter()
+            .filter(|socket| {
+                socket.connected()
+                    && registered
+                        .as_ref()
+                        .is_none_or(|ns| ns.get_socket(socket.id).is_none())
+                    && !strays.iter().any(|s| s.id == socket.id)
+            })
+            .collect()
     }
 
     /// Keeps a stray of `namespace`, unless it already left.
@@ -90,6 +146,11 @@ impl Rooms {
     pub(super) fn strays(&self, namespace: &str) -> Vec<SocketRef> {
         let strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
         strays.get(namespace).cloned().unwrap_or_default()
+    }
+
+    pub(super) fn stray_count(&self) -> usize {
+        let strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+        strays.values().map(Vec::len).sum()
     }
 
     /// Every stray.
