@@ -412,3 +412,49 @@ fn every_symbol_architecture_md_names_exists() {
         "ARCHITECTURE.md names what src/ does not have: {missing:?}"
     );
 }
+
+/// Every test the fault table of ARCHITECTURE.md names (`` `tests/x.rs` `name` ``) exists,
+/// so a row cannot point at a test that was renamed or removed.
+#[test]
+fn every_test_the_fault_table_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let table = doc
+        .split("## Faults")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Faults section");
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for row in table.lines().filter(|line| line.starts_with('|')) {
+        let Some(cell) = row.trim_end_matches('|').rsplit('|').next() else {
+            continue;
+        };
+        let mut file: Option<String> = None;
+        for span in cell.split('`').skip(1).step_by(2) {
+            if span.starts_with("tests/") && span.ends_with(".rs") {
+                file = std::fs::read_to_string(root.join(span)).ok();
+                if file.is_none() {
+                    missing.push(span.to_owned());
+                }
+            } else if let Some(text) = &file
+                && span
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                checked += 1;
+                if !text.contains(&format!("fn {span}(")) {
+                    missing.push(span.to_owned());
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} tests checked: is the reader broken?"
+    );
+    assert!(
+        missing.is_empty(),
+        "the fault table names missing tests: {missing:?}"
+    );
+}

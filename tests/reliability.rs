@@ -235,3 +235,49 @@ async fn two_first_connects_to_a_new_namespace_both_get_every_event() {
     })
     .await;
 }
+
+/// The sidecar killed while Evolution retries: the attempt that met the dead sidecar is
+/// retried after the restart, accepted and emitted once; a further retry is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_retried_across_a_sidecar_restart_arrives_once() {
+    let evolution = FakeEvolution::start().await;
+    let envs = [
+        ("AUTHENTICATION_API_KEY", GLOBAL_KEY.to_owned()),
+        ("SIDECAR_UPSTREAM_URL", evolution.url()),
+    ];
+    let first = Sidecar::start(&envs).await;
+    let addr = first.addr;
+    let url = first.url("/_sidecar/webhook");
+    first.kill().await; // not drained
+    let body = event_body("messages.upsert", "acme", 42);
+    let attempt = http().post(&url).body(body.clone()).send().await;
+    assert!(attempt.is_err(), "the dead sidecar answered: {attempt:?}");
+
+    let launch = common::sidecar::Launch {
+        listen: Some(addr),
+        ..Default::default()
+    };
+    let second = Sidecar::launch(&envs, launch).await;
+    let mut client = RawSocket::open(addr, &format!("&apikey={GLOBAL_KEY}"))
+        .await
+        .expect("handshake");
+    let joined = client.connect("/acme", "{}").await;
+    assert!(joined.is_some_and(|a| a.starts_with("40/acme,")));
+    // Evolution's retry, then one more.
+    let (status, reply) = post_webhook(&second.url("/_sidecar/webhook"), body.clone()).await;
+    assert_eq!((status, reply), (200, json!({"ok": true})));
+    let (status, reply) = post_webhook(&second.url("/_sidecar/webhook"), body).await;
+    assert_eq!(
+        (status, reply),
+        (200, json!({"ok": true, "duplicate": true}))
+    );
+    let event = client.next_text().await.expect("the retried event");
+    assert!(event.starts_with("42/acme,[\"messages.upsert\""), "{event}");
+    assert!(
+        client
+            .next_text_within_or_none(Duration::from_millis(500))
+            .await
+            .is_none_or(|text| !text.starts_with("42/acme,")),
+        "the duplicate was emitted again"
+    );
+}

@@ -38,6 +38,8 @@ pub struct Launch {
     pub stderr_file: Option<std::path::PathBuf>,
     /// `RUST_LOG` for the process; unset, the binary's default filter applies.
     pub log: Option<String>,
+    /// Listen here instead of on a free port (a restart on the same address).
+    pub listen: Option<SocketAddr>,
 }
 
 impl Sidecar {
@@ -52,7 +54,7 @@ impl Sidecar {
 
     /// [`Sidecar::start`], as `launch` says.
     pub async fn launch(envs: &[(&str, String)], launch: Launch) -> Self {
-        let addr = free_port();
+        let addr = launch.listen.unwrap_or_else(free_port);
         let program = launch.binary.unwrap_or_else(binary);
         let mut command = match launch.fd_limit {
             Some(limit) => {
@@ -102,6 +104,11 @@ impl Sidecar {
         })
         .await;
         Sidecar { child, addr }
+    }
+
+    /// Kills the process (SIGKILL, no drain) and waits until it is gone.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
     }
 
     /// Sends SIGTERM.
