@@ -201,7 +201,20 @@ impl Cluster {
     }
 
     fn record<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
-        let up = result.is_ok();
+        // Redis is down when it does not answer; an error it answers (a refused command,
+        // NOPERM from an ACL) means it is up, and the circuit stays closed.
+        let up = match &result {
+            Ok(_) => true,
+            Err(Error::Timeout) => false,
+            Err(Error::Redis(err)) => {
+                !(err.is_io_error()
+                    || err.is_timeout()
+                    || err.is_connection_dropped()
+                    || err.is_connection_refusal()
+                    || err.is_unrecoverable_error())
+            }
+            Err(Error::Malformed(_)) => true,
+        };
         telemetry::meters().redis_up.set(if up { 1.0 } else { 0.0 });
         let health = if up { Health::Up } else { Health::Down };
         if self.health.swap(health as u8, Ordering::Relaxed) != health as u8 {
