@@ -118,6 +118,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
         authority: target.authority.clone(),
         pad: String::new(),
         accepted: (0..args.instances).map(|_| AtomicU64::new(0)).collect(),
+        accepted_seqs: None,
         duplicates: AtomicU64::new(0),
         rejected: Mutex::new(BTreeMap::new()),
         errors: AtomicU64::new(0),
