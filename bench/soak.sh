@@ -20,6 +20,7 @@
 #   WARMUP=DURATION/4      seconds after the first webhook before RSS must be flat
 #   RETAIN=DURATION/5      the sidecar's replay age and dedupe window (see below)
 #   REDIS_DOWN=5           seconds Redis stays down in Redis mode
+#   REDIS_RESTART=0        Redis mode without the restart (to tell its effects apart)
 #   SOAK_PORT=8097         the sidecar's port
 #   BUILD=0                skip the cargo build; CARGO_TARGET_DIR is honoured
 #   CHART=path.svg         also write the chart there (e.g. bench/charts/soak-rss.svg)
@@ -131,7 +132,7 @@ for mode in $MODES; do
     done
     say "redis-server on 127.0.0.1:$redis_port ($redis_dir)"
     redis_env=(SIDECAR_REDIS_URL=redis://127.0.0.1:$redis_port)
-    restart_args=(--at "$((DURATION / 2))" --run "$(restart_cmd "$redis_port" "$redis_dir")"
+    [ "${REDIS_RESTART:-1}" = 1 ] && restart_args=(--at "$((DURATION / 2))" --run "$(restart_cmd "$redis_port" "$redis_dir")"
       --run-label "redis restart")
   elif [ "$mode" != memory ]; then
     say "unknown mode $mode (memory, redis)"
