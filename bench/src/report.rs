@@ -160,8 +160,10 @@ pub fn table(results: &[Value]) -> String {
             scenarios.push(name);
         }
     }
+    // As wide as the longest scenario name (fanout-500-recovering), at least 14.
+    let w = scenarios.iter().map(|s| s.len()).max().unwrap_or(0).max(14);
     let mut out = format!(
-        "{:<14} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
+        "{:<w$} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
         "scenario", "metric", "ours", "peer", "floor", "ours/peer", "ours/floor"
     );
     for scenario in scenarios {
@@ -185,7 +187,7 @@ pub fn table(results: &[Value]) -> String {
             _ => {
                 let cells: Vec<&str> = columns.iter().map(|c| cell_state(*c)).collect();
                 out.push_str(&format!(
-                    "{:<14} {:<28} {:>11} {:>11} {:>11}\n",
+                    "{:<w$} {:<28} {:>11} {:>11} {:>11}\n",
                     scenario, "(no result)", cells[0], cells[1], cells[2]
                 ));
                 continue;
@@ -213,7 +215,7 @@ pub fn table(results: &[Value]) -> String {
                 _ => "-".to_owned(),
             };
             out.push_str(&format!(
-                "{:<14} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
+                "{:<w$} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
                 scenario,
                 metric.label,
                 shown[0],

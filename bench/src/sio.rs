@@ -3,8 +3,9 @@
 //! The client half of Engine.IO v4 / Socket.IO v5 over a raw WebSocket, as little of it as a
 //! load generator needs: open `ws://host/socket.io/?EIO=4&transport=websocket&apikey=KEY`, read
 //! the open packet `0{...}`, send `40/<ns>,`, wait for `40/<ns>,{"sid":...}`, answer pings
-//! (`2` → `3`) and classify text packets without parsing their JSON. No polling transport, no
-//! reconnection, no binary packets.
+//! (`2` → `3`) and classify text packets without parsing their JSON. A CONNECT may carry an
+//! `auth` object (recovery: `{"apikey":...,"offset":...}`). No polling transport, no
+//! automatic reconnection, no binary packets.
 
 use std::net::SocketAddr;
 
@@ -71,6 +72,15 @@ pub fn client_config() -> WebSocketConfig {
 /// Opens a WebSocket, reads the Engine.IO open packet and joins `namespace` (`/acme`, or `/`).
 /// Returns once the server answered the CONNECT; a CONNECT_ERROR is an `Err` with its text.
 pub async fn connect(target: &Target, namespace: &str) -> Result<Ws, String> {
+    connect_with_auth(target, namespace, None).await
+}
+
+/// [`connect`], with `auth` (a JSON object) in the CONNECT packet.
+pub async fn connect_with_auth(
+    target: &Target,
+    namespace: &str,
+    auth: Option<&str>,
+) -> Result<Ws, String> {
     let tcp = TcpStream::connect(target.addr)
         .await
         .map_err(|err| format!("tcp connect: {err}"))?;
@@ -88,7 +98,11 @@ pub async fn connect(target: &Target, namespace: &str) -> Result<Ws, String> {
     if !open.starts_with('0') {
         return Err(format!("expected the open packet, got {}", clip(&open)));
     }
-    ws.send(Message::text(connect_packet(namespace)))
+    let mut packet = connect_packet(namespace);
+    if let Some(auth) = auth {
+        packet.push_str(auth);
+    }
+    ws.send(Message::text(packet))
         .await
         .map_err(|err| format!("send CONNECT: {err}"))?;
     loop {
@@ -128,6 +142,25 @@ pub fn connect_packet(namespace: &str) -> String {
     } else {
         format!("40{namespace},")
     }
+}
+
+/// The `auth` of a client that opts in to recovery: the key, and the last offset it saw
+/// (`""`: from now on).
+pub fn recovery_auth(apikey: &str, offset: &str) -> String {
+    serde_json::json!({"apikey": apikey, "offset": offset}).to_string()
+}
+
+/// The offset a recovering client's event carries as its last argument
+/// (`["event",{...},"<epoch>-<seq>"]`), without parsing the JSON; `None` if the last
+/// argument is not a plain string.
+pub fn trailing_offset(json: &str) -> Option<&str> {
+    let inner = json.trim_end().strip_suffix(']')?.trim_end();
+    let inner = inner.strip_suffix('"')?;
+    let open = inner.rfind('"')?;
+    let offset = &inner[open + 1..];
+    let before = inner[..open].trim_end();
+    // Offsets need no escaping: a backslash means this is the tail of another string.
+    (before.ends_with(',') && !offset.contains('\\')).then_some(offset)
 }
 
 /// An EVENT packet: `42/acme,17["name",arg]` (no `/acme,` on `/`, no id without an ack).
@@ -295,6 +328,16 @@ mod tests {
         assert_eq!(u64_after(json, "\"seq\":"), Some(42));
         assert_eq!(u64_after(json, "\"sent_ns\":"), Some(123_456_789));
         assert_eq!(u64_after(json, "\"missing\":"), None);
+    }
+
+    #[test]
+    fn reads_trailing_offsets() {
+        let json = r#"["messages.upsert",{"data":{"seq":1,"pad":"x"}},"3fa-17"]"#;
+        assert_eq!(trailing_offset(json), Some("3fa-17"));
+        assert_eq!(trailing_offset(r#"["e",{"a":"b"}]"#), None);
+        assert_eq!(trailing_offset(r#"["e"]"#), None);
+        assert_eq!(trailing_offset(r#"["e", "x" ]"#), Some("x"));
+        assert_eq!(recovery_auth("k", ""), r#"{"apikey":"k","offset":""}"#);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The socket.io clients of a run: connected with a bounded number of handshakes in flight,
 //! each then a task that answers pings and counts the events of its namespace (distinct,
-//! duplicate, unexpected) and records their latency.
+//! duplicate, unexpected) and records their latency. Clients that opt in to recovery send
+//! `auth: {"apikey", "offset": ""}` and get each event with its offset as a trailing argument.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,8 @@ pub struct ClientStat {
     pub received: AtomicU64,
     /// Events received twice (same `seq`).
     pub duplicates: AtomicU64,
-    /// Packets that were not expected: another namespace, or no `sent_ns`.
+    /// Packets that were not expected: another namespace, no `sent_ns`, or (recovering) no
+    /// trailing offset.
     pub unexpected: AtomicU64,
     /// `now_ns` of the last event received.
     pub last_ns: AtomicU64,
@@ -51,13 +53,16 @@ pub fn namespace(prefix: &str, index: usize) -> String {
 
 /// Connects `count` clients, client i on namespace i mod `instances`, with at most
 /// `connect_concurrency` handshakes at once; each connected client then runs `receive`.
+/// `recovering`: opt in to recovery (from now on) at CONNECT.
 pub async fn connect_clients(
     common: &Common,
     target: &Target,
     count: usize,
     instances: usize,
+    recovering: bool,
     latency: Arc<Shards>,
 ) -> Clients {
+    let auth = recovering.then(|| Arc::new(sio::recovery_auth(&common.apikey, "")));
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     let (report_tx, mut report_rx) = mpsc::unbounded_channel();
@@ -72,10 +77,14 @@ pub async fn connect_clients(
         let ns = namespace(&common.instance_prefix, instance);
         let report_tx = report_tx.clone();
         let latency = latency.clone();
+        let auth = auth.clone();
         tokio::spawn(async move {
             let begun = now_ns();
-            let joined =
-                tokio::time::timeout(Duration::from_secs(30), sio::connect(&target, &ns)).await;
+            let joined = tokio::time::timeout(
+                Duration::from_secs(30),
+                sio::connect_with_auth(&target, &ns, auth.as_deref().map(String::as_str)),
+            )
+            .await;
             drop(permit);
             let elapsed_us = (now_ns() - begun) / 1000;
             match joined {
@@ -83,7 +92,8 @@ pub async fn connect_clients(
                     let stat = Arc::new(ClientStat::default());
                     let _ = report_tx.send((index, Ok((elapsed_us, instance, stat.clone()))));
                     drop(report_tx);
-                    receive(ws, ns, instances as u64, stat, latency, index).await;
+                    let recovering = auth.is_some();
+                    receive(ws, ns, instances as u64, recovering, stat, latency, index).await;
                 }
                 Ok(Err(err)) => {
                     let _ = report_tx.send((index, Err(err)));
@@ -129,11 +139,13 @@ pub async fn connect_clients(
 
 /// A connected client's life: count events on `ns`, answer pings, until the connection
 /// ends. `seq`s of one namespace are `instance + k * instances`, so `seq / instances`
-/// indexes a bitmap that spots duplicates.
+/// indexes a bitmap that spots duplicates. The payload is the first argument either way, so
+/// `seq` and `sent_ns` are found the same with or without a trailing offset.
 async fn receive(
     mut ws: Ws,
     ns: String,
     instances: u64,
+    recovering: bool,
     stat: Arc<ClientStat>,
     latency: Arc<Shards>,
     index: usize,
@@ -150,7 +162,8 @@ async fn receive(
                 let now = now_ns();
                 let sent = sio::u64_after(json, "\"sent_ns\":");
                 let seq = sio::u64_after(json, "\"seq\":");
-                let (Some(sent), Some(seq), true) = (sent, seq, on == ns) else {
+                let offset_ok = !recovering || sio::trailing_offset(json).is_some();
+                let (Some(sent), Some(seq), true) = (sent, seq, on == ns && offset_ok) else {
                     stat.unexpected.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };

@@ -1,7 +1,9 @@
 //! `loadgen fanout`: C clients over I namespaces, webhooks POSTed on K keep-alive connections
 //! at a fixed rate or as fast as they go, for D seconds, then a drain wait. Reports webhooks
 //! accepted/s, deliveries/s, lost deliveries, end-to-end latency (POST sent → event
-//! received), and the server's CPU and memory.
+//! received), and the server's CPU and memory. `--recovering`: clients opt in to recovery,
+//! which evo-realtime serves from a task per socket (each event encoded per socket, with its
+//! offset) instead of one room broadcast.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +56,10 @@ pub struct FanoutArgs {
     /// Longest wait, in seconds, for outstanding deliveries after the last webhook.
     #[arg(long, default_value_t = 10.0)]
     drain: f64,
+    /// Clients opt in to recovery: `auth: {"apikey", "offset": ""}` at CONNECT; every event
+    /// must then carry a trailing offset.
+    #[arg(long)]
+    recovering: bool,
 }
 
 pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
@@ -67,8 +73,9 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
     let peak = watch.peak();
 
     println!(
-        "fanout: {} clients over {} namespaces, {} webhooks/s on {} connections for {} s, ~{} B bodies, {}{}",
+        "fanout: {} {}clients over {} namespaces, {} webhooks/s on {} connections for {} s, ~{} B bodies, {}{}",
         args.clients,
+        if args.recovering { "recovering " } else { "" },
         args.instances,
         if args.rate == 0 {
             "max".to_owned()
@@ -87,6 +94,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
         &target,
         args.clients,
         args.instances,
+        args.recovering,
         latency.clone(),
     )
     .await;
@@ -110,6 +118,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
         authority: target.authority.clone(),
         pad: String::new(),
         accepted: (0..args.instances).map(|_| AtomicU64::new(0)).collect(),
+        accepted_seqs: None,
         duplicates: AtomicU64::new(0),
         rejected: Mutex::new(BTreeMap::new()),
         errors: AtomicU64::new(0),
@@ -264,6 +273,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
                 "url": common.url, "webhook_path": args.webhook_path, "clients": args.clients,
                 "instances": args.instances, "rate": args.rate, "conns": args.conns,
                 "duration_s": args.duration, "payload_bytes": body_bytes, "drain_s": args.drain,
+                "recovering": args.recovering,
             },
             "clients": connect_summary(&clients, args.clients),
             "connect_ms": report::percentiles_ms(&clients.connect_us),

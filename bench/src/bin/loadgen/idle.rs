@@ -50,6 +50,7 @@ pub async fn idle(args: IdleArgs) -> Result<Summary, String> {
         &target,
         args.clients,
         args.instances,
+        false,
         Arc::new(Shards::new(1)),
     )
     .await;

@@ -9,6 +9,9 @@
 //!   carries `data.seq` and `data.sent_ns`. Reports webhooks accepted/s, deliveries/s, lost
 //!   deliveries after a drain wait, end-to-end latency (POST sent → event received).
 //! - `idle`: C idle connections; server RSS per connection and connect-time percentiles.
+//! - `soak`: C clients opted in to recovery, each dropping its connection every few seconds
+//!   and resuming from its last offset, webhooks at a fixed rate for D seconds, the server's
+//!   RSS sampled throughout; verdict: RSS flat after warm-up, 0 lost, every webhook answered.
 //! - `emit-rest`: clients emit `message/sendText` with an ack, which the server forwards to a
 //!   fake upstream run by this process; calls/s and the latency added over a direct call.
 //! - `wait`: waits until a server accepts TCP connections (for scripts).
@@ -20,15 +23,19 @@
 //!
 //! # Layout
 //! This file holds the command line and the dispatch; a module per mode, and what they share:
-//! - [`fanout`], [`idle`], [`emit_rest`], [`wait`], [`table`]: one mode each, with its options.
+//! - [`fanout`], [`idle`], [`soak`], [`emit_rest`], [`wait`], [`table`]: one mode each, with
+//!   its options.
 //! - [`common_args`]: the options every measuring mode takes.
 //! - [`summary`]: prints and appends a mode's JSON summary and picks the exit code.
 //! - [`clients`]: connects the socket.io clients of a run and counts what each receives.
 //! - [`watch`]: CPU time and RSS of the server under test and of this process.
-//! - [`webhooks`]: the webhook sender of `fanout` (schedule, bodies, answers).
+//! - [`webhooks`]: the webhook sender of `fanout` and `soak` (schedule, bodies, answers).
+//! - [`churn`]: a `soak` client that drops its connection and resumes from its last offset.
+//! - [`rss_series`]: the server's RSS over time, and the flatness verdict on it.
 //! - [`http`]: opens a keep-alive HTTP/1.1 client connection.
 //! - [`fake_upstream`]: the fake Evolution API that `emit-rest` serves.
 
+mod churn;
 mod clients;
 mod common_args;
 mod emit_rest;
@@ -36,6 +43,8 @@ mod fake_upstream;
 mod fanout;
 mod http;
 mod idle;
+mod rss_series;
+mod soak;
 mod summary;
 mod table;
 mod wait;
@@ -47,6 +56,7 @@ use clap::{Parser, Subcommand};
 use crate::emit_rest::EmitRestArgs;
 use crate::fanout::FanoutArgs;
 use crate::idle::IdleArgs;
+use crate::soak::SoakArgs;
 use crate::summary::finish;
 use crate::table::TableArgs;
 use crate::wait::WaitArgs;
@@ -64,6 +74,8 @@ enum Mode {
     Fanout(FanoutArgs),
     /// C idle connections: server RSS per connection, connect-time percentiles.
     Idle(IdleArgs),
+    /// Recovering clients with reconnect churn under steady webhooks; RSS over time, loss.
+    Soak(SoakArgs),
     /// Client emits with ack through the server to a fake upstream run here.
     EmitRest(EmitRestArgs),
     /// Waits until the server accepts TCP connections.
@@ -77,6 +89,7 @@ fn main() {
     let threads = match &cli.mode {
         Mode::Fanout(a) => a.common.threads,
         Mode::Idle(a) => a.common.threads,
+        Mode::Soak(a) => a.common.threads,
         Mode::EmitRest(a) => a.common.threads,
         Mode::Wait(_) | Mode::Table(_) => Some(1),
     };
@@ -94,6 +107,7 @@ fn main() {
         match cli.mode {
             Mode::Fanout(args) => finish(&args.common.clone(), fanout::fanout(args).await),
             Mode::Idle(args) => finish(&args.common.clone(), idle::idle(args).await),
+            Mode::Soak(args) => finish(&args.common.clone(), soak::soak(args).await),
             Mode::EmitRest(args) => finish(&args.common.clone(), emit_rest::emit_rest(args).await),
             Mode::Wait(args) => wait::wait(args).await,
             Mode::Table(args) => table::table(args),

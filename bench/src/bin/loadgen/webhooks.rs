@@ -31,6 +31,9 @@ pub struct Plan {
     pub pad: String,
     /// Accepted webhooks per namespace.
     pub accepted: Vec<AtomicU64>,
+    /// If set, a bitmap of the accepted sequence numbers (`soak` checks each client against
+    /// exactly these; a webhook that failed in transport may or may not have been emitted).
+    pub accepted_seqs: Option<Mutex<Vec<u64>>>,
     /// Webhooks answered 200 with `"duplicate":true` (must stay 0: bodies are unique).
     pub duplicates: AtomicU64,
     /// Other statuses, by status.
@@ -144,9 +147,23 @@ pub async fn post_webhooks(plan: Arc<Plan>, addr: std::net::SocketAddr) {
                 plan.duplicates.fetch_add(1, Ordering::Relaxed);
             } else {
                 plan.accepted[(seq % plan.instances) as usize].fetch_add(1, Ordering::Relaxed);
+                if let Some(seqs) = &plan.accepted_seqs {
+                    set_bit(&mut seqs.lock().unwrap_or_else(|e| e.into_inner()), seq);
+                }
             }
         }
     }
+}
+
+/// Sets bit `n` of a growable bitmap; returns whether it was already set.
+pub fn set_bit(bits: &mut Vec<u64>, n: u64) -> bool {
+    let (word, bit) = ((n / 64) as usize, 1u64 << (n % 64));
+    if bits.len() <= word {
+        bits.resize(word + 1, 0);
+    }
+    let was = bits[word] & bit != 0;
+    bits[word] |= bit;
+    was
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
