@@ -99,6 +99,22 @@ fn path_of(text: &str) -> String {
         .to_owned()
 }
 
+/// Every file of `src/` by module path, with its text.
+fn src_modules() -> BTreeMap<String, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files
+        .iter()
+        .map(|file| {
+            (
+                module_of(file, &src),
+                std::fs::read_to_string(file).expect("readable"),
+            )
+        })
+        .collect()
+}
+
 struct Graph {
     /// Module → modules it imports (other modules only, resolved to files).
     edges: BTreeMap<String, BTreeSet<String>>,
@@ -107,18 +123,7 @@ struct Graph {
 }
 
 fn graph() -> Graph {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    let modules: BTreeMap<String, String> = files
-        .iter()
-        .map(|file| {
-            (
-                module_of(file, &src),
-                std::fs::read_to_string(file).expect("readable"),
-            )
-        })
-        .collect();
+    let modules = src_modules();
     let mut edges = BTreeMap::new();
     let mut externals = BTreeMap::new();
     for (module, text) in &modules {
@@ -328,18 +333,7 @@ fn a_cycle_is_found_when_there_is_one() {
 fn every_symbol_architecture_md_names_exists() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
-    let src = root.join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    let modules: BTreeMap<String, String> = files
-        .iter()
-        .map(|file| {
-            (
-                module_of(file, &src),
-                std::fs::read_to_string(file).expect("readable"),
-            )
-        })
-        .collect();
+    let modules = src_modules();
     let tops: BTreeSet<&str> = modules.keys().map(|m| top(m)).collect();
     // The text of a module and its submodules (re-exports and `impl` blocks live there).
     let subtree = |module: &str| -> String {

@@ -14,22 +14,11 @@ fn n_of(text: &str) -> u64 {
 }
 
 async fn replicas(redis: &RedisServer, evolution: &FakeEvolution) -> (TestApp, TestApp) {
-    let a = spawn_app(redis_config(&evolution.url(), redis)).await;
-    let b = spawn_app(redis_config(&evolution.url(), redis)).await;
     // Both follow the stream once Redis answered their readiness.
-    for app in [&a, &b] {
-        let url = app.url("/_sidecar/readyz");
-        eventually_value("redis reports ok", PATIENCE, async || {
-            let body: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
-            if body["redis"] == "ok" {
-                Ok(())
-            } else {
-                Err(body)
-            }
-        })
-        .await;
-    }
-    (a, b)
+    (
+        one_replica(redis, evolution).await,
+        one_replica(redis, evolution).await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,23 +322,6 @@ async fn one_replica(redis: &RedisServer, evolution: &FakeEvolution) -> TestApp 
     })
     .await;
     app
-}
-
-/// A counter's value in `/_sidecar/metrics` (summed over its label sets).
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let body = http()
-        .get(app.url("/_sidecar/metrics"))
-        .bearer_auth(GLOBAL_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Finding 4 of issue 15: one entry that does not parse (version skew in a rolling

@@ -95,3 +95,20 @@ pub fn http() -> reqwest::Client {
         })
         .clone()
 }
+
+/// A metric's value in `/_sidecar/metrics` (summed over its label sets).
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    let body = http()
+        .get(app.url("/_sidecar/metrics"))
+        .bearer_auth(GLOBAL_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
