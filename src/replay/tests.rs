@@ -1,4 +1,5 @@
 use super::*;
+use crate::envelope::Envelope;
 
 fn envelope(event: &str, n: usize) -> Envelope {
     let body = format!(r#"{{"event":"{event}","instance":"acme","data":{{"n":{n}}}}}"#);
