@@ -98,7 +98,6 @@ pub(super) struct LogInner {
     pub(super) state_bytes: u64,
 }
 
-
 impl NamespaceLog {
     /// No delivery task follows it and it holds nothing.
     pub(super) fn is_idle_and_empty(&self) -> bool {
@@ -253,4 +252,3 @@ impl NamespaceLog {
         state
     }
 }
-

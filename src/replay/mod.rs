@@ -388,4 +388,3 @@ pub async fn sweep(store: std::sync::Weak<Store>) {
 
 #[cfg(test)]
 mod tests;
-
