@@ -357,6 +357,10 @@ async fn json_logs_carry_no_secret() {
         );
     }
     assert!(
+        logs.contains(r#""mode":"memory""#) && logs.contains("evo-realtime serving"),
+        "the startup line names the mode"
+    );
+    assert!(
         logs.contains("webhook accepted"),
         "one line per webhook at debug"
     );
