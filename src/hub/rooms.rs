@@ -57,6 +57,12 @@ impl Default for RoomCounts {
 /// only by a creation already in flight then, which ends within milliseconds.
 const YOUTH: Duration = Duration::from_secs(5);
 
+/// The first sockets of a young namespace that each broadcast checks. Only CONNECTs that
+/// arrived while the namespace was being created can be orphaned, so they are among the
+/// first few; the cap bounds the check in a connect storm (at most this many lookups per
+/// broadcast, for [`YOUTH`]).
+const YOUNG_SOCKETS: usize = 64;
+
 impl Rooms {
     /// Counts a socket in (`delta` 1) or out (-1) of the rooms its filter puts it in.
     pub(super) fn count(&self, socket: &SocketRef, session: &Session, delta: isize) {
@@ -65,7 +71,9 @@ impl Rooms {
         let counts = members.entry(namespace.to_owned()).or_default();
         if counts.born.elapsed() < YOUTH {
             if delta > 0 {
-                counts.young.push(socket.clone());
+                if counts.young.len() < YOUNG_SOCKETS {
+                    counts.young.push(socket.clone());
+                }
             } else {
                 counts.young.retain(|s| s.id != socket.id);
             }
