@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{self, Cluster, StreamEntry};
 use crate::dedupe::Dedupe;
-use crate::envelope::Envelope;
+use crate::envelope::{self, Envelope};
 use crate::expiring::ExpiringMap;
 use crate::hub::{self, Hub};
 use crate::replay;
@@ -70,6 +70,16 @@ impl Bus {
         events: &[String],
         dedupe_window: Duration,
     ) -> Self {
+        for name in events {
+            if envelope::evolution_event(name).is_none() {
+                let closest = envelope::upper_snake(envelope::closest_evolution_event(name));
+                tracing::warn!(
+                    event = %name,
+                    closest = %closest,
+                    "SIDECAR_EVENTS names an event Evolution does not send (did you mean {closest}?): it filters nothing in"
+                );
+            }
+        }
         Self {
             hub,
             replay,

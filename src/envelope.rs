@@ -171,6 +171,67 @@ impl fmt::Debug for EventName {
     }
 }
 
+/// Every event Evolution API sends, 2.3.6 to 2.4 (the dotted values of its `Events` enum
+/// across those versions), sorted. Events outside it are still accepted and emitted: a
+/// newer Evolution may add some. It names metric labels (anything else is `other`) and
+/// catches misspelled filters.
+pub const EVOLUTION_EVENTS: &[&str] = &[
+    "application.startup",
+    "call",
+    "chama-ai.action",
+    "chats.delete",
+    "chats.set",
+    "chats.update",
+    "chats.upsert",
+    "connection.update",
+    "contacts.set",
+    "contacts.update",
+    "contacts.upsert",
+    "creds.update",
+    "group-participants.update",
+    "groups.update",
+    "groups.upsert",
+    "instance.create",
+    "instance.delete",
+    "labels.association",
+    "labels.edit",
+    "logout.instance",
+    "messages.delete",
+    "messages.edited",
+    "messages.set",
+    "messages.update",
+    "messages.upsert",
+    "messaging-history.set",
+    "presence.update",
+    "qrcode.updated",
+    "remove.instance",
+    "send.message",
+    "send.message.update",
+    "status.instance",
+    "typebot.change-status",
+    "typebot.start",
+];
+
+/// The event Evolution sends under this name (any form: dotted, UPPER_SNAKE), if any.
+pub fn evolution_event(name: &str) -> Option<&'static str> {
+    let upper = upper_snake(name);
+    EVOLUTION_EVENTS
+        .iter()
+        .find(|known| upper_snake(known) == upper)
+        .copied()
+}
+
+/// The Evolution event whose UPPER_SNAKE form is closest to `name`'s (edit distance), for
+/// "did you mean" messages.
+pub fn closest_evolution_event(name: &str) -> &'static str {
+    let upper = upper_snake(name);
+    EVOLUTION_EVENTS
+        .iter()
+        .min_by_key(|known| strsim::levenshtein(&upper_snake(known), &upper))
+        .copied()
+        .unwrap_or("messages.upsert")
+}
+
 /// Events the socket.io client library reserves for itself.
 const RESERVED_EVENTS: [&str; 6] = [
     "connect",

@@ -133,8 +133,9 @@ pub struct Meters {
     pub redis_up: Gauge,
     pub redis_malformed_entries: Counter,
     pub redis_reader_stalled: Gauge,
-    /// `evo_webhooks_total` per (event label, status): bounded by [`event_label`]'s values
-    /// times the statuses ingest answers; each registered on first use.
+    /// `evo_webhooks_total` per (event label, status): bounded by the event names
+    /// Evolution sends (`envelope::EVOLUTION_EVENTS`, else `other`) times the statuses
+    /// ingest answers; each registered on first use.
     webhooks: std::sync::Mutex<HashMap<(&'static str, u16), Counter>>,
 }
 
@@ -208,49 +209,6 @@ pub async fn metrics(State(handle): State<Option<PrometheusHandle>>) -> Response
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
-}
-
-/// Evolution API 2.x events: the only values of the `event` label, so a credentialed
-/// sender cannot grow the series without bound.
-const KNOWN_EVENTS: &[&str] = &[
-    "application.startup",
-    "call",
-    "chats.delete",
-    "chats.set",
-    "chats.update",
-    "chats.upsert",
-    "connection.update",
-    "contacts.set",
-    "contacts.update",
-    "contacts.upsert",
-    "group-participants.update",
-    "groups.update",
-    "groups.upsert",
-    "instance.create",
-    "instance.delete",
-    "labels.association",
-    "labels.edit",
-    "logout.instance",
-    "messages.delete",
-    "messages.edit",
-    "messages.set",
-    "messages.update",
-    "messages.upsert",
-    "presence.update",
-    "qrcode.updated",
-    "remove.instance",
-    "send.message",
-    "typebot.change-status",
-    "typebot.start",
-];
-
-/// The `event` label of an event name: itself if Evolution knows it, else `other`.
-pub fn event_label(event: &str) -> &'static str {
-    KNOWN_EVENTS
-        .iter()
-        .find(|known| **known == event)
-        .copied()
-        .unwrap_or("other")
 }
 
 /// Namespaces that get their own label value; later ones share `other`.

@@ -425,6 +425,34 @@ fn webhook_credential_prints_an_instances_headers() {
 }
 
 #[tokio::test]
+async fn a_misspelled_event_in_sidecar_events_is_a_warning_naming_the_closest() {
+    let evolution = FakeEvolution::start().await;
+    let launch = common::sidecar::Launch {
+        piped: true,
+        log: Some("warn".into()),
+        ..Default::default()
+    };
+    let sidecar = Sidecar::launch(
+        &[
+            ("SIDECAR_UPSTREAM_URL", evolution.url()),
+            ("SIDECAR_EVENTS", "MESAGES_UPSERT,CALL".into()),
+        ],
+        launch,
+    )
+    .await;
+    sidecar.terminate();
+    let (code, logs) = sidecar.finish().await;
+    assert_eq!(code, Some(0));
+    assert!(
+        logs.contains("SIDECAR_EVENTS names an event Evolution does not send")
+            && logs.contains("did you mean MESSAGES_UPSERT"),
+        "{logs}"
+    );
+    // CALL is one Evolution sends: one warning, not two.
+    assert_eq!(logs.matches("does not send").count(), 1, "{logs}");
+}
+
+#[tokio::test]
 async fn check_config_good_and_bad() {
     let output = std::process::Command::new(BINARY)
         .arg("check-config")

@@ -7,13 +7,17 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 8] = [
     "messages-upsert.json",
     "connection-update.json",
     "qrcode-updated.json",
     "presence-update.json",
     "send-message.json",
     "messages-update.json",
+    // Evolution 2.3.7: `extra` (`isLatest`, `progress`) spread first, before `event`.
+    "messages-set.json",
+    // Evolution 2.4.0's new event.
+    "messaging-history-set.json",
 ];
 
 #[tokio::test]
@@ -45,6 +49,12 @@ async fn every_fixture_arrives_as_evolution_emits_it_on_both_transports() {
                 text, expected,
                 "{name} on {id}: key order and values must match"
             );
+            if name == "messages-set.json" {
+                assert!(
+                    text.starts_with(r#"[{"isLatest":false,"progress":42,"event":"#),
+                    "extra keys come first: {text}"
+                );
+            }
         }
     }
     js.shutdown().await;
@@ -223,6 +233,19 @@ async fn per_client_filters_from_query_or_auth() {
     assert_eq!(
         bad["type"], "connect_error",
         "a crafted filter is refused: {bad}"
+    );
+    // A filter of only names Evolution never sends would deliver nothing: a typo, named.
+    let typo = js
+        .connect(
+            "typo",
+            &ns,
+            json!({"transports": ["websocket"], "auth": {"apikey": GLOBAL_KEY, "events": ["MESAGES_UPSERT"]}}),
+        )
+        .await;
+    assert_eq!(typo["type"], "connect_error", "{typo}");
+    assert!(
+        typo.to_string().contains("did you mean MESSAGES_UPSERT"),
+        "{typo}"
     );
 
     for (n, event) in [

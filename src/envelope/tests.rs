@@ -144,3 +144,28 @@ fn fixtures_parse() {
     }
     assert!(seen >= 6);
 }
+
+#[test]
+fn evolution_events_are_known_in_every_form() {
+    assert_eq!(evolution_event("MESSAGES_UPSERT"), Some("messages.upsert"));
+    assert_eq!(
+        evolution_event("messaging-history.set"),
+        Some("messaging-history.set")
+    );
+    assert_eq!(
+        evolution_event("MESSAGING_HISTORY_SET"),
+        Some("messaging-history.set")
+    );
+    assert_eq!(evolution_event("MESAGES_UPSERT"), None);
+    assert_eq!(closest_evolution_event("MESAGES_UPSERT"), "messages.upsert");
+    assert_eq!(
+        closest_evolution_event("conection.update"),
+        "connection.update"
+    );
+    let mut sorted = EVOLUTION_EVENTS.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(sorted, EVOLUTION_EVENTS, "kept sorted");
+    for name in EVOLUTION_EVENTS {
+        assert!(EventName::parse(name).is_ok(), "{name}");
+    }
+}

@@ -175,5 +175,17 @@ fn parse_filter(
             filter.push(upper);
         }
     }
+    // A filter of names Evolution never sends would deliver nothing, silently: a typo.
+    if !filter.is_empty()
+        && filter
+            .iter()
+            .all(|name| envelope::evolution_event(name).is_none())
+    {
+        let closest = envelope::upper_snake(envelope::closest_evolution_event(&filter[0]));
+        return Err(ConnectError::UnknownEvents {
+            names: filter.join(","),
+            closest,
+        });
+    }
     Ok(filter)
 }

@@ -83,6 +83,8 @@ pub enum ConnectError {
     BadAuth,
     #[error("invalid event filter {0:?}")]
     BadFilter(String),
+    #[error("no event in the filter is one Evolution sends: {names} (did you mean {closest}?)")]
+    UnknownEvents { names: String, closest: String },
     #[error("an event filter lists at most {MAX_FILTER_EVENTS} events")]
     FilterTooLong,
     #[error("offset must be a string")]
@@ -97,7 +99,9 @@ impl ConnectError {
             ConnectError::Forbidden(_) => "forbidden_namespace",
             ConnectError::AuthTooLarge => "auth_too_large",
             ConnectError::BadAuth => "bad_auth",
-            ConnectError::BadFilter(_) | ConnectError::FilterTooLong => "bad_filter",
+            ConnectError::BadFilter(_)
+            | ConnectError::FilterTooLong
+            | ConnectError::UnknownEvents { .. } => "bad_filter",
             ConnectError::BadOffset => "bad_offset",
         }
     }

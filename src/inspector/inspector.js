@@ -348,6 +348,18 @@
         return (d.subject ? '“' + clip(d.subject, 80) + '” ' : '') + jid(d.id) + more(data);
       case 'logout.instance':
         return 'logged out';
+      case 'messaging-history.set':
+        // Evolution 2.4: history sync progress.
+        return 'history sync ' + (d.progress != null ? d.progress + '%' : '') +
+          ' · ' + [['messageCount', 'messages'], ['chatCount', 'chats'], ['contactCount', 'contacts']]
+            .filter(function (f) { return typeof d[f[0]] === 'number'; })
+            .map(function (f) { return d[f[0]] + ' ' + f[1]; }).join(', ');
+      case 'messages.set':
+      case 'chats.set':
+      case 'contacts.set':
+        // History batches; Evolution 2.3.7 puts `progress` next to `event`.
+        return (Array.isArray(data) ? data.length + ' items' : 'history batch') +
+          (payload && payload.progress != null ? ' · ' + payload.progress + '%' : '');
       default: {
         if (Array.isArray(data)) return data.length + (data.length === 1 ? ' item' : ' items');
         var bits = [];
@@ -369,6 +381,7 @@
     'groups', 'call', 'labels', 'instance', 'logout', 'application'];
   function family(event) {
     var head = String(event).split('.')[0];
+    if (head === 'messaging-history') return 'messages';
     return FAMILIES.indexOf(head) >= 0 ? head : 'other';
   }
 

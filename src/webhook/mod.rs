@@ -49,7 +49,7 @@ use ipnet::IpNet;
 
 use crate::bus::{Bus, Published};
 use crate::dedupe;
-use crate::envelope::Envelope;
+use crate::envelope::{self, Envelope};
 use crate::setting;
 use crate::telemetry;
 
@@ -203,7 +203,7 @@ async fn accept(
 
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
-    *event_label = telemetry::event_label(envelope.event.as_str());
+    *event_label = envelope::evolution_event(envelope.event.as_str()).unwrap_or("other");
     // Stage 6b: a per-instance credential must be the body's instance's.
     admission.check(webhook, &envelope.instance)?;
     if let Some(suffix) = &route.suffix {

@@ -27,11 +27,18 @@ const churners = new Map();
 const tallies = new Map();
 const out = (report) => process.stdout.write(JSON.stringify(report) + '\n');
 
-// What Evolution API's built-in socket.io integration emits for a webhook body: the
-// known keys in its order, `destination` dropped, absent keys absent.
+// What Evolution API's built-in socket.io integration emits for a webhook body: since 2.3.7
+// `{...extra, event, instance, data, server_url, date_time, sender, apikey}`, so the extra
+// keys (those before `event` in the body) first, then the known keys in its order,
+// `destination` dropped, absent keys absent.
 function evolutionEmit(body) {
+  const known = ['event', 'instance', 'data', 'server_url', 'date_time', 'sender', 'apikey'];
   const message = {};
-  for (const key of ['event', 'instance', 'data', 'server_url', 'date_time', 'sender', 'apikey']) {
+  for (const key of Object.keys(body)) {
+    if (key === 'event') break;
+    if (!known.includes(key) && key !== 'destination') message[key] = body[key];
+  }
+  for (const key of known) {
     if (key in body) message[key] = body[key];
   }
   return message;
