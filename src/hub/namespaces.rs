@@ -2,7 +2,7 @@
 //! arrives, before the middleware runs, and never removes it. A refused CONNECT removes
 //! its namespace again, and a sweeper removes namespaces without sockets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ pub const NAMESPACE_SWEEP: Duration = Duration::from_secs(30);
 pub(super) struct Admissions {
     pub(super) io: OnceLock<SocketIo>,
     running: Mutex<HashMap<String, usize>>,
+    /// Namespaces without sockets at the previous sweep.
+    empty_before: Mutex<HashSet<String>>,
 }
 
 impl Admissions {
@@ -25,6 +27,7 @@ impl Admissions {
         Self {
             io: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
+            empty_before: Mutex::new(HashSet::new()),
         }
     }
 
@@ -63,27 +66,44 @@ impl Admissions {
 
     /// Removes namespaces with no socket and no CONNECT being admitted (what a race
     /// between a refusal and a socketioxide-internal creation may leave).
+    ///
+    /// A namespace goes only when it was already empty at the previous sweep: one created
+    /// a moment ago, whose first CONNECT has not reached the middleware yet, is empty and
+    /// not being admitted, and deleting it would leave that socket in a namespace nobody
+    /// broadcasts to.
     pub(super) fn sweep(&self) -> usize {
         let Some(io) = self.io.get() else { return 0 };
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut empty_before = self.empty_before.lock().unwrap_or_else(|e| e.into_inner());
+        let mut empty_now = HashSet::new();
         let mut removed = 0;
         for ns in io.nsps() {
             let path = ns.ns_path().to_owned();
             if path != "/" && !running.contains_key(&path) && ns.sockets().is_empty() {
-                io.delete_ns(&path);
-                removed += 1;
+                if empty_before.contains(&path) {
+                    io.delete_ns(&path);
+                    removed += 1;
+                } else {
+                    empty_now.insert(path);
+                }
             }
         }
+        *empty_before = empty_now;
         removed
     }
 }
 
 impl Hub {
-    /// Removes namespaces that have no socket, every [`NAMESPACE_SWEEP`], until aborted.
+    /// Removes namespaces that have had no socket for a whole [`NAMESPACE_SWEEP`], and
+    /// strays whose session ended, until aborted.
     pub fn sweep_namespaces(&self) -> impl Future<Output = ()> + Send + 'static {
         let hub = self.clone();
         async move {
-            let mut namespaces = tokio::time::interval(NAMESPACE_SWEEP);
+            // Not at once: the first sweep one period after start.
+            let mut namespaces = tokio::time::interval_at(
+                tokio::time::Instant::now() + NAMESPACE_SWEEP,
+                NAMESPACE_SWEEP,
+            );
             namespaces.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // A live polling session makes a request at least every ping interval.
             let mut strays = tokio::time::interval(hub.heartbeat / 2);
