@@ -358,7 +358,7 @@
       case 'chats.set':
       case 'contacts.set':
         // History batches; Evolution 2.3.7 puts `progress` next to `event`.
-        return (Array.isArray(data) ? data.length + ' items' : 'history batch') +
+        return (Array.isArray(data) ? data.length + (data.length === 1 ? ' item' : ' items') : 'history batch') +
           (payload && payload.progress != null ? ' · ' + payload.progress + '%' : '');
       default: {
         if (Array.isArray(data)) return data.length + (data.length === 1 ? ' item' : ' items');

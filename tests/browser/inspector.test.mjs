@@ -236,8 +236,10 @@ test('the inspector shows live events, filters, recovers, and sends a test messa
   await waitFor(() => liveSocket, 'the websocket upgrade');
 
   // Fixture webhooks appear with their summaries.
-  const fixtures = readdirSync(FIXTURES).filter((f) => f.endsWith('.json')).sort();
-  assert.equal(fixtures.length, 6);
+  // The six 2.3.6 fixtures (the 2.3.7 and 2.4 ones have their own Rust tests).
+  const fixtures = ['connection-update.json', 'messages-update.json', 'messages-upsert.json',
+    'presence-update.json', 'qrcode-updated.json', 'send-message.json'];
+  for (const file of fixtures) assert.ok(readdirSync(FIXTURES).includes(file), file);
   for (const file of fixtures) await postWebhook(sidecar.base, readFileSync(path.join(FIXTURES, file), 'utf8'));
   await waitFor(async () => (await rows.count()) === fixtures.length, 'six events in the list');
 
