@@ -93,6 +93,7 @@ mod tests {
 pub mod names {
     pub const WEBHOOKS: &str = "evo_webhooks_total";
     pub const WEBHOOK_SECONDS: &str = "evo_webhook_ingest_seconds";
+    pub const WEBHOOK_REFUSALS: &str = "evo_webhook_refusals_total";
     pub const EVENTS_EMITTED: &str = "evo_events_emitted_total";
     pub const DELIVERIES: &str = "evo_deliveries_total";
     pub const DELIVERY_DROPS: &str = "evo_delivery_drops_total";

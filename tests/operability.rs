@@ -424,6 +424,79 @@ fn webhook_credential_prints_an_instances_headers() {
     }
 }
 
+/// Issue 16: a misconfigured Evolution (a wrong path token, a wrong credential) looked like
+/// silence at the default log level. Refusals are logged at warn, once a minute per
+/// instance and reason, and every one is counted by reason.
+#[tokio::test]
+async fn webhook_refusals_are_warned_once_per_reason_and_all_counted() {
+    let evolution = FakeEvolution::start().await;
+    let launch = common::sidecar::Launch {
+        piped: true,
+        log: Some("info".into()),
+        ..Default::default()
+    };
+    let sidecar = Sidecar::launch(
+        &[
+            ("SIDECAR_UPSTREAM_URL", evolution.url()),
+            ("AUTHENTICATION_API_KEY", GLOBAL_KEY.into()),
+            ("SIDECAR_WEBHOOK_PATH_TOKEN", "right-token".into()),
+        ],
+        launch,
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, _) = post_webhook(
+            &sidecar.url("/_sidecar/webhook/wrong-token"),
+            event_body("call", "acme", 1),
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+    let (status, _) = post_webhook(&sidecar.url("/_sidecar/webhook/right-token"), "{").await;
+    assert_eq!(status, 400);
+    // Positive control: an accepted webhook is neither warned about nor counted.
+    let (status, _) = post_webhook(
+        &sidecar.url("/_sidecar/webhook/right-token"),
+        event_body("call", "acme", 2),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let metrics = http()
+        .get(sidecar.url("/_sidecar/metrics"))
+        .bearer_auth(GLOBAL_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"evo_webhook_refusals_total{reason="unauthorized"} 3"#)
+            && metrics.contains(r#"evo_webhook_refusals_total{reason="bad_json"} 1"#),
+        "{metrics}"
+    );
+    sidecar.terminate();
+    let (code, logs) = sidecar.finish().await;
+    assert_eq!(code, Some(0));
+    let warned = |reason: &str| {
+        logs.lines()
+            .filter(|line| {
+                line.contains("WARN") && line.contains("webhook refused") && line.contains(reason)
+            })
+            .count()
+    };
+    assert_eq!(
+        warned("unauthorized"),
+        1,
+        "once a minute, not three times: {logs}"
+    );
+    assert_eq!(warned("bad_json"), 1, "{logs}");
+    assert!(
+        !logs.contains("right-token") && !logs.contains("wrong-token"),
+        "{logs}"
+    );
+}
+
 #[tokio::test]
 async fn a_misspelled_event_in_sidecar_events_is_a_warning_naming_the_closest() {
     let evolution = FakeEvolution::start().await;

@@ -59,6 +59,32 @@ impl Error {
         )
     }
 
+    /// The metric label and log field of this refusal: bounded, one per variant.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Draining => "draining",
+            Error::NotRetained(_) => "not_retained",
+            Error::NotFound => "not_found",
+            Error::TooLarge { .. } => "too_large",
+            Error::UnsupportedMediaType => "unsupported_media_type",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::WrongInstance { .. } => "wrong_instance",
+            Error::Forbidden(_) => "forbidden_peer",
+            Error::Proxied(_) => "proxied",
+            Error::ReadTimeout(_) => "read_timeout",
+            Error::BodyCut(_) => "body_cut",
+            Error::Envelope(envelope::Error::Syntax(_)) => "bad_json",
+            Error::Envelope(envelope::Error::Semantic(_)) => "bad_envelope",
+            Error::SuffixMismatch { .. } => "suffix_mismatch",
+        }
+    }
+
+    /// Whether the sender is at fault (a misconfigured Evolution, or someone else), as
+    /// opposed to the sidecar being unable (shutting down, a failed publish).
+    pub(super) fn is_refusal(&self) -> bool {
+        !matches!(self, Error::Draining | Error::NotRetained(_))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Draining | Error::NotRetained(_) => StatusCode::SERVICE_UNAVAILABLE,

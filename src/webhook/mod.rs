@@ -36,6 +36,7 @@
 //! 413 would become a retried network error. A client that sent `Expect: 100-continue`
 //! has not sent its body: nothing is drained, and it is answered at once.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +52,7 @@ use crate::bus::{Bus, Published};
 use crate::dedupe;
 use crate::envelope::{self, Envelope};
 use crate::setting;
-use crate::telemetry;
+use crate::telemetry::{self, names};
 
 mod body;
 mod config;
@@ -77,6 +78,8 @@ pub struct Webhook {
     upgrade_warned: AtomicBool,
     bus: Arc<Bus>,
     draining: Arc<AtomicBool>,
+    /// When each (instance, reason) refusal was last logged at warn.
+    warned: std::sync::Mutex<HashMap<(String, &'static str), std::time::Instant>>,
 }
 
 impl Webhook {
@@ -103,12 +106,56 @@ impl Webhook {
             jwt,
             upgrade_warned: AtomicBool::new(false),
             bus,
+            warned: std::sync::Mutex::new(HashMap::new()),
             draining,
         })
     }
 
     pub fn path(&self) -> &str {
         &self.config.path
+    }
+}
+
+/// How often one (instance, reason) refusal is logged at warn; every one is counted.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// The most (instance, reason) pairs remembered for that; past it, expired ones go first.
+const REFUSAL_LOG_KEYS: usize = 1024;
+
+impl Webhook {
+    /// Counts a refused webhook and, at most once per [`REFUSAL_LOG_EVERY`] for its
+    /// instance and reason, logs it at warn: a misconfigured Evolution must not look like
+    /// silence, and a flood must not flood the log.
+    fn refused(&self, err: &Error, instance: Option<&envelope::InstanceName>) {
+        metrics::counter!(names::WEBHOOK_REFUSALS, "reason" => err.reason()).increment(1);
+        if !err.is_refusal() {
+            return;
+        }
+        let instance = instance.map_or("-", envelope::InstanceName::as_str);
+        let now = std::time::Instant::now();
+        let due = {
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.len() >= REFUSAL_LOG_KEYS {
+                warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+            }
+            let key = (instance.to_owned(), err.reason());
+            match warned.get(&key) {
+                Some(at) if now.duration_since(*at) < REFUSAL_LOG_EVERY => false,
+                _ if warned.len() >= REFUSAL_LOG_KEYS => false,
+                _ => {
+                    warned.insert(key, now);
+                    true
+                }
+            }
+        };
+        if due {
+            tracing::warn!(
+                instance,
+                reason = err.reason(),
+                status = err.status().as_u16(),
+                error = %err,
+                "webhook refused (logged once a minute per instance and reason; counted in evo_webhook_refusals_total)"
+            );
+        }
     }
 }
 
@@ -156,9 +203,11 @@ fn announce(config: &Config) {
 pub async fn ingest(State(webhook): State<Arc<Webhook>>, request: Request) -> Response {
     let started = std::time::Instant::now();
     let mut event_label = "unknown";
-    let response = match accept(&webhook, request, &mut event_label).await {
+    let mut instance = None;
+    let response = match accept(&webhook, request, &mut event_label, &mut instance).await {
         Ok(response) => response,
         Err(err) => {
+            webhook.refused(&err, instance.as_ref());
             let close = err.body_unread();
             let mut response = err.into_response();
             if close {
@@ -183,6 +232,7 @@ async fn accept(
     webhook: &Webhook,
     request: Request,
     event_label: &mut &'static str,
+    instance: &mut Option<envelope::InstanceName>,
 ) -> Result<Response, Error> {
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(webhook.config.read_timeout_secs);
@@ -204,6 +254,7 @@ async fn accept(
     // Stage 6: routing fields only; every value stays raw.
     let envelope = Envelope::from_webhook(&body)?;
     *event_label = envelope::evolution_event(envelope.event.as_str()).unwrap_or("other");
+    *instance = Some(envelope.instance.clone());
     // Stage 6b: a per-instance credential must be the body's instance's.
     admission.check(webhook, &envelope.instance)?;
     if let Some(suffix) = &route.suffix {
