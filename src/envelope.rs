@@ -40,9 +40,13 @@ const EMIT_ORDER: [&str; 7] = [
 /// The webhook-only key that the socket.io emit drops.
 const DROPPED_KEY: &str = "destination";
 
-/// A validated instance name: always usable as a namespace `/<name>` and a path segment.
+/// A validated instance name: always usable as a namespace `/<name>` and, percent-encoded,
+/// as a path segment.
 ///
-/// Rule: 1–128 bytes of UTF-8; no `/`, `\`, `%` or control characters; not `.` or `..`.
+/// Rule: 1–128 bytes of UTF-8; no `/`, `\` or control characters; not `.` or `..`. Every
+/// other name Evolution accepts is accepted, `50%off`, `t x`, `ns?q` and `#hash` included: a
+/// socket.io namespace is not URL-decoded, so `%` is special only in the REST paths the
+/// sidecar builds, and those percent-encode the name (`upstream::routes`).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceName(Arc<str>);
 
@@ -64,7 +68,7 @@ impl InstanceName {
         }
         if let Some(bad) = name
             .chars()
-            .find(|c| matches!(c, '/' | '\\' | '%') || c.is_control())
+            .find(|c| matches!(c, '/' | '\\') || c.is_control())
         {
             return Err(format!("instance name contains {bad:?}"));
         }

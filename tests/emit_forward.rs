@@ -446,3 +446,55 @@ async fn acks_and_arguments_pass_through_byte_for_byte() {
         r#"{"zz":1,"aa":100000000000000000000,"m":{"y":2,"x":1.0}}"#
     );
 }
+
+/// Issue 16: Evolution creates instances named `50%off` or `t x`; the sidecar refused their
+/// webhooks with 422 (never retried: every event lost). Their events arrive on `/50%off`,
+/// and their emits reach Evolution with the name percent-encoded in the path.
+#[tokio::test]
+async fn odd_but_valid_instance_names_get_their_events_and_their_emits() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    for (name, encoded) in [
+        ("50%off", "50%25off"),
+        ("t x", "t%20x"),
+        ("tê-ünï", "t%C3%AA-%C3%BCn%C3%AF"),
+        ("#hash", "%23hash"),
+        ("ns?q", "ns%3Fq"),
+        ("T.Up-1_2", "T.Up-1_2"),
+    ] {
+        let ns = format!("/{name}");
+        let mut socket = RawSocket::open(app.addr, "").await.unwrap();
+        let answer = socket
+            .connect(&ns, &json!({"apikey": GLOBAL_KEY}).to_string())
+            .await
+            .unwrap();
+        assert!(answer.starts_with(&format!("40{ns},")), "{name}: {answer}");
+        let (status, reply) = post_webhook(&app.webhook_url(), event_body("call", name, 7)).await;
+        assert_eq!(status, 200, "{name}: {reply}");
+        let event = socket.next_text().await.expect("the event");
+        assert!(
+            event.starts_with(&format!(r#"42{ns},["call""#)),
+            "{name}: {event}"
+        );
+
+        assert!(
+            socket
+                .send(format!(
+                    r#"42{ns},1["message/sendText",{{"number":"1","text":"hi"}}]"#
+                ))
+                .await
+        );
+        let ack = socket.next_text().await.expect("an ack");
+        assert!(ack.starts_with(&format!("43{ns},1")), "{name}: {ack}");
+        let path = format!("/message/sendText/{encoded}");
+        assert!(
+            evolution.requests().iter().any(|r| r.path == path),
+            "{name}: no call to {path}: {:?}",
+            evolution
+                .requests()
+                .iter()
+                .map(|r| &r.path)
+                .collect::<Vec<_>>()
+        );
+    }
+}
