@@ -91,11 +91,6 @@ impl Bus {
         }
     }
 
-    /// Whether events go through Redis.
-    pub fn is_clustered(&self) -> bool {
-        self.cluster.is_some()
-    }
-
     /// Publishes one event. When this returns `Fresh`, the event is retained: in the
     /// shared Redis stream (every replica, this one included, delivers it as it reads the
     /// stream), or, in memory mode or while Redis is unreachable, in this replica's log,

@@ -80,6 +80,9 @@ pub struct Sessions {
     sids: std::sync::Mutex<ExpiringMap<String, ()>>,
     /// Watched session id → its last request.
     watched: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// How many are watched: the guard's per-request [`Sessions::seen`] takes no lock while
+    /// none is (strays are rare).
+    watching: std::sync::atomic::AtomicUsize,
 }
 
 /// The most sessions watched at once (strays are rare: a race of first CONNECTs).
@@ -94,6 +97,7 @@ impl Sessions {
             ttl,
             sids: std::sync::Mutex::new(ExpiringMap::new(MAX_CLOSED_SESSIONS)),
             watched: std::sync::Mutex::new(std::collections::HashMap::new()),
+            watching: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -104,16 +108,23 @@ impl Sessions {
             return false;
         }
         watched.insert(sid.to_owned(), std::time::Instant::now());
+        self.watching
+            .store(watched.len(), std::sync::atomic::Ordering::Relaxed);
         true
     }
 
     pub fn unwatch(&self, sid: &str) {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         watched.remove(sid);
+        self.watching
+            .store(watched.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A request of `sid` arrived (the guard calls it for every request with a session).
     pub fn seen(&self, sid: SessionId<'_>) {
+        if self.watching.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(at) = watched.get_mut(sid.as_str()) {
             *at = std::time::Instant::now();

@@ -222,10 +222,10 @@ impl Hub {
         }
         // A young namespace may have been replaced inside socketioxide since its sockets
         // joined: those it no longer reaches become strays before this broadcast.
-        for orphan in self.shared.rooms.orphans(namespace, &self.io) {
+        let (audience, young) = self.shared.rooms.audience(namespace, upper);
+        for orphan in self.shared.rooms.orphans_among(namespace, young, &self.io) {
             handlers::adopt_orphan(&self.shared, &orphan);
         }
-        let audience = self.shared.rooms.audience(namespace, upper);
         if audience == 0 {
             return;
         }

@@ -57,6 +57,15 @@ impl Default for RoomCounts {
 /// only by a creation already in flight then, which ends within milliseconds.
 const YOUTH: Duration = Duration::from_secs(5);
 
+/// A namespace's young sockets, or none once it is older than [`YOUTH`].
+fn young(counts: &RoomCounts) -> Vec<SocketRef> {
+    if counts.born.elapsed() < YOUTH {
+        counts.young.clone()
+    } else {
+        Vec::new()
+    }
+}
+
 /// The first sockets of a young namespace that each broadcast checks. Only CONNECTs that
 /// arrived while the namespace was being created can be orphaned, so they are among the
 /// first few; the cap bounds the check in a connect storm (at most this many lookups per
@@ -95,10 +104,15 @@ impl Rooms {
     }
 
     /// How many sockets of `namespace` get an event (UPPER_SNAKE) through rooms.
-    pub(super) fn audience(&self, namespace: &str, upper_snake: &str) -> usize {
+    ///
+    /// With it, in the same lock (the per-event path takes it once), the sockets of the
+    /// namespace while it is young, for [`Rooms::orphans_among`]; empty, and allocated for
+    /// nothing, once it is older than [`YOUTH`].
+    pub(super) fn audience(&self, namespace: &str, upper_snake: &str) -> (usize, Vec<SocketRef>) {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        members.get(namespace).map_or(0, |counts| {
-            counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0)
+        members.get(namespace).map_or((0, Vec::new()), |counts| {
+            let audience = counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0);
+            (audience, young(counts))
         })
     }
 
@@ -106,13 +120,23 @@ impl Rooms {
     /// namespace it has registered (it replaced the one they joined) and that are not
     /// strays yet. Empty, and free, once the namespace is older than [`YOUTH`].
     pub(super) fn orphans(&self, namespace: &str, io: &SocketIo) -> Vec<SocketRef> {
-        let young: Vec<SocketRef> = {
+        let young = {
             let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            match members.get(namespace) {
-                Some(counts) if counts.born.elapsed() < YOUTH => counts.young.clone(),
-                _ => return Vec::new(),
-            }
+            members.get(namespace).map(young).unwrap_or_default()
         };
+        self.orphans_among(namespace, young, io)
+    }
+
+    /// Those of `young` (sockets of `namespace`) that are orphans, as [`Rooms::orphans`].
+    pub(super) fn orphans_among(
+        &self,
+        namespace: &str,
+        young: Vec<SocketRef>,
+        io: &SocketIo,
+    ) -> Vec<SocketRef> {
+        if young.is_empty() {
+            return young;
+        }
         let registered = io.of(namespace);
         let strays = self.strays(namespace);
         young
