@@ -108,6 +108,7 @@ pub mod names {
     pub const REPLAYED: &str = "evo_replayed_events_total";
     pub const SLOW_CONSUMER_DISCONNECTS: &str = "evo_slow_consumer_disconnects_total";
     pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
+    pub const WEBHOOK_RETRIES: &str = "evo_webhook_retries_total";
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
     pub const REDIS_MALFORMED_ENTRIES: &str = "evo_redis_malformed_entries_total";
@@ -131,6 +132,8 @@ pub struct Meters {
     pub retained_bytes: Gauge,
     pub webhook_seconds: Histogram,
     pub duplicate_webhooks: Counter,
+    /// Webhooks whose Evolution 2.4 `X-Timestamp` says they are a retry.
+    pub webhook_retries: Counter,
     pub redis_up: Gauge,
     pub redis_malformed_entries: Counter,
     pub redis_reader_stalled: Gauge,
@@ -167,6 +170,7 @@ pub fn meters() -> &'static Meters {
             retained_bytes: metrics::gauge!(names::RETAINED_BYTES),
             webhook_seconds: metrics::histogram!(names::WEBHOOK_SECONDS),
             duplicate_webhooks: metrics::counter!(names::DUPLICATE_WEBHOOKS),
+            webhook_retries: metrics::counter!(names::WEBHOOK_RETRIES),
             redis_up: metrics::gauge!(names::REDIS_UP),
             redis_malformed_entries: metrics::counter!(names::REDIS_MALFORMED_ENTRIES),
             redis_reader_stalled: metrics::gauge!(names::REDIS_READER_STALLED),

@@ -449,3 +449,135 @@ async fn bad_input_table() {
     assert_eq!(js.next_event("watch").await.0, "call");
     js.shutdown().await;
 }
+
+/// POSTs `body` with `headers` (name, raw bytes) and returns status and JSON body.
+async fn post_with_headers(
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(String, Vec<u8>)],
+) -> (u16, Value) {
+    let mut request = http().post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(
+            name.as_str(),
+            reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+        );
+    }
+    let response = request.body(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Evolution 2.4's per-instance headers: the event arrives byte-exact on both transports,
+/// a retry's age is counted, and a header that contradicts the body is a 422 that emits
+/// nothing.
+#[tokio::test]
+async fn per_instance_webhooks_with_evolution_2_4_headers() {
+    let evolution = FakeEvolution::start().await;
+    let app = spawn_app(test_config(&evolution.url())).await;
+    let mut js = JsDriver::start().await;
+    for (id, transport) in [("ws", "websocket"), ("poll", "polling")] {
+        let report = js
+            .connect(
+                id,
+                &app.url("/acme-support"),
+                with_key(transport, GLOBAL_KEY),
+            )
+            .await;
+        assert_eq!(report["type"], "connect", "{report}");
+    }
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("../headers/per-instance-2.4.json")).unwrap(),
+    )
+    .unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    // The fixture's headers with `X-Timestamp` this long ago and `changes` applied.
+    let headers = |age_ms: u64, changes: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = fixture
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(name, value)| (name.clone(), value.as_str().unwrap().as_bytes().to_vec()))
+            .collect();
+        for (name, value) in out.iter_mut() {
+            if name == "X-Timestamp" {
+                *value = (now_ms() - age_ms).to_string().into_bytes();
+            }
+            if let Some((_, changed)) = changes.iter().find(|(n, _)| n == name) {
+                *value = changed.to_vec();
+            }
+        }
+        out
+    };
+    let url = app.webhook_url();
+    let retries = || metric(&app, "evo_webhook_retries_total");
+
+    // A first delivery: byte-exact, and not a retry.
+    let path = fixtures_dir().join("messages-upsert.json");
+    let expected = format!("[{}]", js.expected(&path).await);
+    let body = std::fs::read(&path).unwrap();
+    let answer = post_with_headers(&url, body.clone(), &headers(0, &[])).await;
+    assert_eq!(answer, (200, json!({"ok": true})));
+    for id in ["ws", "poll"] {
+        let (event, text) = js.next_event(id).await;
+        assert_eq!(
+            (event.as_str(), &text),
+            ("messages.upsert", &expected),
+            "{id}"
+        );
+    }
+    assert_eq!(retries().await, 0.0, "a fresh delivery is no retry");
+
+    // A retry 10 s after Evolution's first try (another body, so dedupe does not drop it).
+    let retry = event_body("messages.upsert", "acme-support", 2);
+    let answer = post_with_headers(&url, retry.into_bytes(), &headers(10_000, &[])).await;
+    assert_eq!(answer, (200, json!({"ok": true})));
+    assert_eq!(retries().await, 1.0, "a delivery 10 s old is a retry");
+    for id in ["ws", "poll"] {
+        assert!(js.next_event(id).await.1.contains(r#""n":2"#), "{id}");
+    }
+
+    // Contradictions: 422 naming the header, and nothing emitted.
+    for (header, value, says) in [
+        ("X-Instance-Name", &b"acme-billing"[..], "X-Instance-Name"),
+        ("X-Event-Type", b"messages.update", "X-Event-Type"),
+        ("X-Event-Type", b"MESSAGES_UPSERT", "X-Event-Type"),
+    ] {
+        let body = event_body("messages.upsert", "acme-support", 3);
+        let (status, reply) =
+            post_with_headers(&url, body.into_bytes(), &headers(0, &[(header, value)])).await;
+        assert_eq!(status, 422, "{header}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains(says), "{reply}");
+    }
+    // Node writes header values as Latin-1: `tê-ünï` arrives as 6 bytes and is the same name.
+    let latin1: Vec<u8> = "tê-ünï".chars().map(|c| c as u8).collect();
+    js.connect(
+        "odd",
+        &app.url("/tê-ünï"),
+        with_key("websocket", GLOBAL_KEY),
+    )
+    .await;
+    let body = event_body("messages.upsert", "tê-ünï", 4);
+    let answer = post_with_headers(
+        &url,
+        body.into_bytes(),
+        &headers(0, &[("X-Instance-Name", &latin1)]),
+    )
+    .await;
+    assert_eq!(answer, (200, json!({"ok": true})));
+    assert!(js.next_event("odd").await.1.contains(r#""n":4"#));
+    // The refused ones were never emitted: the next event on acme-support is this marker.
+    let marker = event_body("call", "acme-support", 5);
+    assert_eq!(post_webhook(&url, marker).await.0, 200);
+    for id in ["ws", "poll"] {
+        let (event, text) = js.next_event(id).await;
+        assert_eq!(event, "call", "{id}: {text}");
+    }
+    js.shutdown().await;
+    app.stop().await;
+}

@@ -42,6 +42,13 @@ pub enum Error {
     BodyCut(String),
     #[error(transparent)]
     Envelope(#[from] envelope::Error),
+    /// An Evolution 2.4 delivery header names another instance or event than the body.
+    #[error("header {header} says {sent:?} but the body says {body:?}")]
+    HeaderMismatch {
+        header: &'static str,
+        sent: String,
+        body: String,
+    },
     #[error("url suffix {suffix:?} does not match event {event:?} (expected {expected:?})")]
     SuffixMismatch {
         suffix: String,
@@ -55,7 +62,10 @@ impl Error {
     pub(super) fn body_unread(&self) -> bool {
         !matches!(
             self,
-            Error::Envelope(_) | Error::SuffixMismatch { .. } | Error::NotRetained(_)
+            Error::Envelope(_)
+                | Error::SuffixMismatch { .. }
+                | Error::HeaderMismatch { .. }
+                | Error::NotRetained(_)
         )
     }
 
@@ -76,6 +86,7 @@ impl Error {
             Error::Envelope(envelope::Error::Syntax(_)) => "bad_json",
             Error::Envelope(envelope::Error::Semantic(_)) => "bad_envelope",
             Error::SuffixMismatch { .. } => "suffix_mismatch",
+            Error::HeaderMismatch { .. } => "header_mismatch",
         }
     }
 
@@ -97,9 +108,9 @@ impl Error {
             Error::BodyCut(_) | Error::Envelope(envelope::Error::Syntax(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            Error::Envelope(envelope::Error::Semantic(_)) | Error::SuffixMismatch { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Error::Envelope(envelope::Error::Semantic(_))
+            | Error::SuffixMismatch { .. }
+            | Error::HeaderMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 }

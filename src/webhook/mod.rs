@@ -2,8 +2,8 @@
 //!
 //! The hot path is [`ingest`], top to bottom: draining check → path (token, suffix) →
 //! size and type → credentials (what needs no instance) → read body (bounded) →
-//! [`Envelope`] → per-instance credential against the body's `instance` → suffix check →
-//! `bus.publish` (dedupes, retains, then fans out) → 200. This module knows nothing of sockets.
+//! [`Envelope`] → per-instance credential against the body's `instance` → suffix and
+//! Evolution 2.4 delivery headers ([`headers`]) against the body → `bus.publish` (dedupes, retains, then fans out) → 200. This module knows nothing of sockets.
 //!
 //! An event reaches `/<instance>` only with a credential valid for that instance: the
 //! server-wide path token, that instance's JWT key or header secret ([`instance_credential`]),
@@ -27,6 +27,7 @@
 //! | `Envelope(Syntax)`      | 400    |
 //! | `Envelope(Semantic)`    | 422    |
 //! | `SuffixMismatch`        | 422    |
+//! | `HeaderMismatch`        | 422    |
 //!
 //! A refusal decided before the body is read (503, 404, 413, 415, 401, 403) first reads
 //! and discards the body, up to twice `max_body_bytes` and within `read_timeout_secs`,
@@ -58,6 +59,7 @@ mod body;
 mod config;
 mod credentials;
 mod error;
+mod headers;
 mod path;
 
 pub use config::{Config, CredentialMode};
@@ -245,6 +247,9 @@ async fn accept(
         }
     };
 
+    // What Evolution 2.4 says about this delivery, kept before the body consumes the request.
+    let sent = headers::DeliveryHeaders::read(request.headers());
+
     // Stage 5: the body, bounded in size and time. A per-instance credential is judged as
     // soon as the body's first bytes name the instance (Evolution writes it second), so a
     // forged header costs at most `INSTANCE_PREFIX` bytes read, never a whole body.
@@ -267,6 +272,7 @@ async fn accept(
             });
         }
     }
+    sent.check(&envelope)?;
 
     // Stage 7: retain and hand over, unless it is a retry of an accepted event. The 200
     // comes after the event is retained; publishing never waits for a socket.
@@ -277,6 +283,21 @@ async fn accept(
         .inspect_err(|err| {
             tracing::error!(instance = %envelope.instance, event = %envelope.event, error = ?err, "webhook not retained");
         })?;
+    if let Some(age) = sent.age(std::time::SystemTime::now()) {
+        let retry = age >= headers::RETRY_MIN_AGE;
+        if retry {
+            telemetry::meters().webhook_retries.increment(1);
+        }
+        tracing::debug!(
+            instance = %envelope.instance,
+            instance_id = sent.instance_id().unwrap_or("-"),
+            evolution = sent.agent_version().unwrap_or("-"),
+            event = %envelope.event,
+            age_ms = age.as_millis() as u64,
+            retry,
+            "webhook delivery age"
+        );
+    }
     match published {
         Published::Fresh => {}
         Published::Duplicate => {
