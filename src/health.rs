@@ -1,7 +1,11 @@
 //! `/_sidecar/healthz` and `/_sidecar/readyz`.
 //!
 //! Readiness means "the upstream Evolution API answers": checked at most once per
-//! [`READY_CACHE`] so probes never load it, and false at once while draining. Redis only
+//! [`READY_CACHE`] so probes never load it, and false at once while draining. The probe is
+//! `GET /license/status`: any answer means Evolution serves (2.3.x answers 404), and 2.4's
+//! `{"status":"inactive"}` is reported as `"upstream":"unlicensed"`, still ready: events
+//! and global-key clients keep flowing while Evolution's REST routes answer 503
+//! `LICENSE_REQUIRED` (see [`crate::license`]). Redis only
 //! degrades readiness's body, never its status: every replica shares it, and a blip must not
 //! take them all out.
 
@@ -16,7 +20,7 @@ use http::StatusCode;
 use tokio::sync::Mutex;
 
 use crate::cluster::Cluster;
-use crate::setting;
+use crate::{license, setting};
 
 /// How long a readiness answer about the upstream is reused.
 const READY_CACHE: Duration = Duration::from_secs(2);
@@ -26,10 +30,29 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// State of the health endpoints.
 pub struct Health {
     http: reqwest::Client,
-    upstream_url: String,
+    probe_url: String,
     cluster: Option<Arc<Cluster>>,
     draining: Arc<AtomicBool>,
-    last: Mutex<Option<(Instant, bool)>>,
+    last: Mutex<Option<(Instant, Upstream)>>,
+}
+
+/// What the readiness probe learned of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    Up,
+    /// Evolution 2.4 serves, but its license is not activated.
+    Unlicensed,
+    Down,
+}
+
+impl Upstream {
+    fn as_str(self) -> &'static str {
+        match self {
+            Upstream::Up => "up",
+            Upstream::Unlicensed => "unlicensed",
+            Upstream::Down => "down",
+        }
+    }
 }
 
 impl Health {
@@ -45,24 +68,40 @@ impl Health {
             .map_err(|err| setting::Error::startup(format!("http client: {err}")))?;
         Ok(Self {
             http,
-            upstream_url: upstream_url.trim_end_matches('/').to_owned() + "/",
+            probe_url: format!(
+                "{}/{}",
+                upstream_url.trim_end_matches('/'),
+                license::STATUS_PATH
+            ),
             cluster,
             draining,
             last: Mutex::new(None),
         })
     }
 
-    async fn upstream_up(&self) -> bool {
+    async fn upstream(&self) -> Upstream {
         let mut last = self.last.lock().await;
-        if let Some((at, up)) = *last
+        if let Some((at, upstream)) = *last
             && at.elapsed() < READY_CACHE
         {
-            return up;
+            return upstream;
         }
-        // Any HTTP answer means Evolution is serving; only no answer is "down".
-        let up = self.http.get(&self.upstream_url).send().await.is_ok();
-        *last = Some((Instant::now(), up));
-        up
+        let upstream = self.probe().await;
+        *last = Some((Instant::now(), upstream));
+        upstream
+    }
+
+    /// Any HTTP answer means Evolution is serving; only no answer is "down".
+    async fn probe(&self) -> Upstream {
+        let Ok(response) = self.http.get(&self.probe_url).send().await else {
+            return Upstream::Down;
+        };
+        let (status, body) = license::head(response).await;
+        if license::says_inactive(status, &body) {
+            Upstream::Unlicensed
+        } else {
+            Upstream::Up
+        }
     }
 }
 
@@ -71,7 +110,8 @@ pub async fn healthz() -> Response {
     Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /_sidecar/readyz`: 200 when the upstream answers, 503 naming what is not ready.
+/// `GET /_sidecar/readyz`: 200 when the upstream answers (licensed or not), 503 naming what
+/// is not ready.
 pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     if health.draining.load(Ordering::Relaxed) {
         let body = serde_json::json!({ "status": "draining" });
@@ -85,10 +125,11 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
             cluster.is_stalled(),
         )
     });
-    let mut body = if health.upstream_up().await {
-        serde_json::json!({ "status": "ready", "upstream": "up" })
-    } else {
+    let upstream = health.upstream().await;
+    let mut body = if upstream == Upstream::Down {
         serde_json::json!({ "status": "unavailable", "upstream": "down" })
+    } else {
+        serde_json::json!({ "status": "ready", "upstream": upstream.as_str() })
     };
     if let Some(redis) = redis {
         body["redis"] = redis.into();
@@ -99,7 +140,7 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
         .cluster
         .as_ref()
         .is_none_or(|cluster| !cluster.is_up() || cluster.is_caught_up());
-    let status = if body["upstream"] == "up" && caught_up {
+    let status = if upstream != Upstream::Down && caught_up {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -44,6 +44,7 @@ pub mod health;
 pub mod hub;
 pub mod inspector;
 pub mod json_object;
+pub mod license;
 pub mod peer;
 pub mod proxy;
 pub mod replay;

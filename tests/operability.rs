@@ -738,3 +738,75 @@ fn sidecar_env_names(value: &Value) -> Vec<String> {
     names.retain(|name| name.starts_with("SIDECAR_"));
     names
 }
+
+/// Evolution 2.4 before its license is activated: REST answers 503 `LICENSE_REQUIRED` while
+/// events flow. readyz says so and stays ready, an emit's ack and the proxy pass the answer
+/// through byte for byte, and an instance token's client is told why it cannot join.
+#[tokio::test]
+async fn an_unlicensed_evolution_2_4_is_reported_and_its_answer_passed_through() {
+    let evolution = FakeEvolution::start().await;
+    evolution.state.unlicensed.store(true, Ordering::SeqCst);
+    let app = spawn_app(test_config(&evolution.url())).await;
+
+    let (status, body) = get(&app.url("/_sidecar/readyz")).await;
+    assert_eq!(status, 200, "events still flow: ready");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"status": "ready", "upstream": "unlicensed"})
+    );
+
+    // An emit: the ack carries Evolution's status and body as it wrote them.
+    let mut socket = RawSocket::open(app.addr, "").await.unwrap();
+    let answer = socket
+        .connect("/acme", &json!({"apikey": GLOBAL_KEY}).to_string())
+        .await
+        .unwrap();
+    assert!(answer.starts_with("40/acme,"), "{answer}");
+    let argument = r#"{"number":"5511999999999","text":"hi"}"#;
+    assert!(
+        socket
+            .send(format!(r#"42/acme,1["message/sendText",{argument}]"#))
+            .await
+    );
+    let ack = loop {
+        let frame = socket.next_text().await.expect("an ack");
+        if let Some(ack) = frame.strip_prefix("43/acme,1") {
+            break ack.to_owned();
+        }
+    };
+    assert_eq!(
+        ack,
+        format!(r#"[{{"status":503,"body":{LICENSE_REQUIRED_ANSWER}}}]"#)
+    );
+
+    // The proxy: status, and body byte for byte.
+    let response = http()
+        .get(app.url("/chat/findChats/acme"))
+        .header("apikey", GLOBAL_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.text().await.unwrap(), LICENSE_REQUIRED_ANSWER);
+
+    // An instance token cannot be checked: the client is told why.
+    let mut socket = RawSocket::open(app.addr, "").await.unwrap();
+    let answer = socket
+        .connect("/acme", &json!({"apikey": ACME_TOKEN}).to_string())
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("44/acme,") && answer.contains("LICENSE_REQUIRED"),
+        "{answer}"
+    );
+
+    // Activated: readyz says up again (positive control: the probe reads the answer).
+    evolution.state.unlicensed.store(false, Ordering::SeqCst);
+    let url = app.url("/_sidecar/readyz");
+    eventually("readyz says up once licensed", || async {
+        let (status, body) = get(&url).await;
+        status == 200 && body.contains(r#""upstream":"up""#)
+    })
+    .await;
+    app.stop().await;
+}

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::envelope::InstanceName;
+use crate::license;
 use crate::setting::Secret;
 
 mod cache;
@@ -308,7 +309,16 @@ impl Authenticator {
             return Err(Error::Invalid);
         }
         if !status.is_success() {
-            tracing::warn!(upstream_status = status.as_u16(), "api key lookup failed");
+            let (status, head) = license::head(response).await;
+            if license::is_gate_answer(status, &head) {
+                tracing::warn!(
+                    "api key lookup refused: Evolution API's license is not activated (503 LICENSE_REQUIRED)"
+                );
+                return Err(Error::Unavailable(
+                    "Evolution API is not activated (503 LICENSE_REQUIRED): instance tokens cannot be checked until its license is activated; the global key still works".to_owned(),
+                ));
+            }
+            tracing::warn!(upstream_status = status, "api key lookup failed");
             return Err(Error::Unavailable(format!("upstream answered {status}")));
         }
         let body = response

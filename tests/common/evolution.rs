@@ -19,6 +19,9 @@ use serde_json::{Value, json};
 pub const GLOBAL_KEY: &str = "global-key-0123";
 pub const ACME_TOKEN: &str = "acme-token-4567";
 pub const OTHER_TOKEN: &str = "other-token-8910";
+/// Evolution 2.4's answer on every business route until its license is activated
+/// (`src/licensing/runtime.ts`, `gateMiddleware`), byte for byte.
+pub const LICENSE_REQUIRED_ANSWER: &str = r#"{"error":"service not activated","code":"LICENSE_REQUIRED","register_url":"http://evo.example.com/manager/login","instance_id":"hw-1f2e3d","docs_url":"https://doc.evolution-api.com","message":"This Evolution API instance is not activated. Open http://evo.example.com/manager/login to activate, or set AUTHENTICATION_API_KEY in your .env with a valid licensing key. Docs: https://doc.evolution-api.com"}"#;
 /// What the fake answers on `/raw/...`, byte for byte.
 pub const RAW_ANSWER: &str =
     r#"{"status":201,"error":null,"response":{"zeta":1,"alpha":100000000000000000000,"n":1.50}}"#;
@@ -53,6 +56,35 @@ pub struct FakeState {
     pub lookup_delay_ms: AtomicUsize,
     /// When non-zero, every lookup is answered with this status (an erring Evolution).
     pub lookup_status: AtomicUsize,
+    /// An Evolution 2.4 whose license is not activated: business routes answer 503
+    /// `LICENSE_REQUIRED`, `/license/status` says `inactive`.
+    pub unlicensed: std::sync::atomic::AtomicBool,
+}
+
+/// Evolution 2.4's license gate: what it answers instead of `path`, if anything.
+fn license_gate(state: &FakeState, path: &str) -> Option<Response> {
+    if path == "/license/status" {
+        let status = if state.unlicensed.load(Ordering::SeqCst) {
+            "inactive"
+        } else {
+            "active"
+        };
+        return Some(
+            axum::Json(json!({"status": status, "instance_id": "hw-1f2e3d"})).into_response(),
+        );
+    }
+    let open = path == "/" || path.starts_with("/manager") || path.starts_with("/license/");
+    (state.unlicensed.load(Ordering::SeqCst) && !open).then(|| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(
+                http::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            )],
+            LICENSE_REQUIRED_ANSWER,
+        )
+            .into_response()
+    })
 }
 
 pub struct FakeEvolution {
@@ -158,6 +190,9 @@ impl Drop for FakeEvolution {
 
 async fn fetch_instances(State(state): State<Arc<FakeState>>, headers: HeaderMap) -> Response {
     state.lookups.fetch_add(1, Ordering::SeqCst);
+    if let Some(gate) = license_gate(&state, "/instance/fetchInstances") {
+        return gate;
+    }
     let delay = state.lookup_delay_ms.load(Ordering::SeqCst) as u64;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -209,6 +244,9 @@ async fn record(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let delay = state.delay_ms.load(Ordering::SeqCst) as u64;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(gate) = license_gate(&state, parts.uri.path()) {
+        return gate;
     }
     let parsed = recorded.json();
     if parts.uri.path().starts_with("/message/sendText/") && parsed.get("number").is_none() {
