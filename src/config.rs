@@ -34,6 +34,8 @@ pub const ENV_EMIT_MAX_BYTES_IN_FLIGHT_PER_SOCKET: &str =
 pub const ENV_API_KEY: &str = "AUTHENTICATION_API_KEY";
 pub const ENV_TOKEN_CACHE_TTL_SECS: &str = "SIDECAR_TOKEN_CACHE_TTL_SECS";
 pub const ENV_AUTH_LOOKUP_TIMEOUT_SECS: &str = "SIDECAR_AUTH_LOOKUP_TIMEOUT_SECS";
+pub const ENV_ALLOWED_HOSTS: &str = "WEBSOCKET_ALLOWED_HOSTS";
+pub const ENV_ALLOW_ANY_HOST: &str = "SIDECAR_ALLOW_ANY_HOST";
 pub const ENV_GLOBAL_EVENTS: &str = "WEBSOCKET_GLOBAL_EVENTS";
 pub const ENV_EVENTS: &str = "SIDECAR_EVENTS";
 pub const ENV_CORS_ORIGIN: &str = "CORS_ORIGIN";
@@ -117,6 +119,8 @@ pub const ENV_VARS: &[EnvVar] = &[
     secret(ENV_API_KEY, "auth.api_key"),
     var(ENV_TOKEN_CACHE_TTL_SECS, "auth.token_cache_ttl_secs"),
     var(ENV_AUTH_LOOKUP_TIMEOUT_SECS, "auth.lookup_timeout_secs"),
+    var(ENV_ALLOWED_HOSTS, "auth.allowed_hosts"),
+    var(ENV_ALLOW_ANY_HOST, "auth.allow_any_host"),
     var(ENV_GLOBAL_EVENTS, "hub.global_events"),
     var(ENV_EVENTS, "hub.events"),
     var(ENV_CORS_ORIGIN, "hub.cors_origin"),

@@ -36,7 +36,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Budget, LookupBudget};
-use crate::peer::bucket;
+use crate::peer::{self, bucket};
 use crate::setting::{self, comma_list};
 use crate::sio_request;
 use crate::telemetry::names;
@@ -248,6 +248,7 @@ pub async fn check_handshake(
                 prepaid: AtomicBool::new(true),
             };
             request.extensions_mut().insert(Budget(Arc::new(admission)));
+            request.extensions_mut().insert(peer::ClientAddr(client));
             next.run(request).await
         }
         Err(refusal) => {

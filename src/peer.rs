@@ -8,6 +8,12 @@ use ipnet::IpNet;
 
 use crate::setting;
 
+/// The client's address as the guard decided it at the handshake (the peer, or the
+/// `X-Forwarded-For` hop behind trusted proxies): in the handshake request's extensions,
+/// which the socket's request parts keep for the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
 /// Peers whose forwarding headers are believed (`SIDECAR_TRUSTED_PROXIES`).
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);

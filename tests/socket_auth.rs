@@ -281,3 +281,118 @@ async fn upstream_down_refuses_promptly_and_never_hangs() {
     );
     js.shutdown().await;
 }
+
+/// Evolution's Manager: `io(API_URL, {transports: ["websocket", "polling"],
+/// reconnectionAttempts: 5})` on `/` without a key. From an address in
+/// `WEBSOCKET_ALLOWED_HOSTS` it joins (websocket or polling) and gets every instance's
+/// events on `/`; its emits are refused; from any other address it is refused.
+#[tokio::test]
+async fn the_manager_joins_without_a_key_only_from_an_allowed_host() {
+    let evolution = FakeEvolution::start().await;
+    let manager = |transports: Value, forwarded_for: Option<&str>| {
+        let mut opts = json!({"transports": transports, "reconnectionAttempts": 5});
+        if let Some(client) = forwarded_for {
+            opts["extraHeaders"] = json!({"x-forwarded-for": client});
+        }
+        opts
+    };
+    let both = json!(["websocket", "polling"]);
+
+    // Directly: the browser's own address (here 127.0.0.1) is listed.
+    let mut config = test_config(&evolution.url());
+    config.hub.global_events = true;
+    config.auth.allowed_hosts = vec!["127.0.0.1".into()];
+    let direct = spawn_app(config).await;
+    let mut js = JsDriver::start().await;
+    for (id, transports) in [("manager", both.clone()), ("polling", json!(["polling"]))] {
+        let report = js
+            .connect(id, &direct.url("/"), manager(transports, None))
+            .await;
+        assert_eq!(report["type"], "connect", "{id}: {report}");
+    }
+    let body = fixture("messages-upsert.json");
+    assert_eq!(post_webhook(&direct.webhook_url(), body).await.0, 200);
+    for id in ["manager", "polling"] {
+        let (event, text) = js.next_event(id).await;
+        assert_eq!(event, "messages.upsert", "{id}");
+        assert!(
+            text.contains(r#""instance":"acme-support""#),
+            "{id}: {text}"
+        );
+    }
+    // Every namespace, like Evolution; but no emits: the sidecar has no key to send.
+    let report = js
+        .connect(
+            "instance",
+            &direct.url("/acme"),
+            manager(both.clone(), None),
+        )
+        .await;
+    assert_eq!(report["type"], "connect", "{report}");
+    let ack = js
+        .emit_ack(
+            "instance",
+            "message/sendText",
+            vec![json!({"number": "1", "text": "x"})],
+        )
+        .await;
+    assert_eq!(ack[0]["status"], 401, "{ack}");
+    assert!(
+        ack[0]["error"].as_str().unwrap().contains("WEBSOCKET_ALLOWED_HOSTS"),
+        "{ack}"
+    );
+    assert!(evolution.requests().is_empty(), "nothing was forwarded");
+
+    // Behind a trusted proxy: the address is X-Forwarded-For's.
+    let mut config = test_config(&evolution.url());
+    config.hub.global_events = true;
+    config.guard.trusted_proxies = vec!["127.0.0.1".into()];
+    config.auth.allowed_hosts = vec!["192.0.2.0/24".into()];
+    let proxied = spawn_app(config).await;
+    let report = js
+        .connect(
+            "operator",
+            &proxied.url("/"),
+            manager(both.clone(), Some("192.0.2.10")),
+        )
+        .await;
+    assert_eq!(report["type"], "connect", "{report}");
+    for (id, client) in [("stranger", Some("198.51.100.7")), ("proxy-itself", None)] {
+        for transports in [json!(["websocket"]), json!(["polling"])] {
+            let id = format!("{id}-{}", transports[0].as_str().unwrap());
+            let report = js
+                .connect(&id, &proxied.url("/"), manager(transports, client))
+                .await;
+            assert_eq!(report["type"], "connect_error", "{id}: {report}");
+            assert_eq!(
+                report["message"],
+                "an api key is required (apikey in the query, header or auth payload)"
+            );
+        }
+    }
+    // A key still works from anywhere (positive control for the refusals above).
+    let mut with_key = manager(both, Some("198.51.100.7"));
+    with_key["auth"] = json!({"apikey": GLOBAL_KEY});
+    let report = js.connect("keyed", &proxied.url("/"), with_key).await;
+    assert_eq!(report["type"], "connect", "{report}");
+    assert_eq!(
+        post_webhook(&proxied.webhook_url(), fixture("send-message.json"))
+            .await
+            .0,
+        200
+    );
+    for id in ["operator", "keyed"] {
+        assert_eq!(js.next_event(id).await.0, "send.message", "{id}");
+    }
+    js.shutdown().await;
+}
+
+#[test]
+fn any_host_needs_its_own_setting() {
+    let mut config = evo_realtime::Config::default();
+    config.auth.allowed_hosts = vec!["*".into()];
+    let err = config.validate().unwrap_err();
+    assert!(err.to_string().contains("SIDECAR_ALLOW_ANY_HOST"), "{err}");
+    config.auth.allow_any_host = true;
+    config.validate().expect("both settings: accepted");
+}

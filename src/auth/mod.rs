@@ -28,10 +28,13 @@ use subtle::ConstantTimeEq;
 
 use crate::envelope::InstanceName;
 use crate::license;
-use crate::setting::Secret;
+use crate::setting::{Secret, comma_list};
 
 mod cache;
 mod handshake;
+mod hosts;
+
+pub use hosts::AllowedHosts;
 
 pub use handshake::{check_handshake, require_global_key};
 
@@ -47,6 +50,12 @@ pub struct Config {
     pub token_cache_ttl_secs: u64,
     /// The longest a handshake waits for the upstream to say who a key is.
     pub lookup_timeout_secs: u64,
+    /// Addresses (IPs or CIDRs) whose clients join every namespace without a key, like
+    /// Evolution's `WEBSOCKET_ALLOWED_HOSTS`; `*` needs `allow_any_host`. Empty: off.
+    #[serde(with = "comma_list")]
+    pub allowed_hosts: Vec<String>,
+    /// Accept `*` in `allowed_hosts`: any client joins without a key.
+    pub allow_any_host: bool,
 }
 
 impl Config {
@@ -58,6 +67,7 @@ impl Config {
                 "must be positive: a lookup that may take no time always fails",
             ));
         }
+        AllowedHosts::parse(&self.allowed_hosts, self.allow_any_host)?;
         Ok(())
     }
 }
@@ -68,6 +78,8 @@ impl Default for Config {
             api_key: None,
             token_cache_ttl_secs: 60,
             lookup_timeout_secs: 5,
+            allowed_hosts: Vec::new(),
+            allow_any_host: false,
         }
     }
 }
@@ -79,23 +91,32 @@ pub enum Principal {
     Global,
     /// An instance token: exactly these instances.
     Instances(Arc<[InstanceName]>),
+    /// No key, from an address in `WEBSOCKET_ALLOWED_HOSTS`: every namespace, like
+    /// Evolution; nothing to forward emits with.
+    AllowedHost,
 }
 
 impl Principal {
     /// Whether this principal may join namespace `ns` (`/` or `/<instance>`).
     pub fn may_join(&self, ns: &str) -> bool {
         match self {
-            Principal::Global => true,
+            Principal::Global | Principal::AllowedHost => true,
             Principal::Instances(names) => {
                 InstanceName::from_namespace(ns).is_some_and(|name| names.contains(&name))
             }
         }
     }
 
+    /// Whether this is an instance token, which Evolution may revoke or delete.
+    pub fn is_token(&self) -> bool {
+        matches!(self, Principal::Instances(_))
+    }
+
     /// The name logged for this principal: never the key itself.
     pub fn label(&self) -> String {
         match self {
             Principal::Global => "global".to_owned(),
+            Principal::AllowedHost => "allowed-host".to_owned(),
             Principal::Instances(names) => names
                 .iter()
                 .map(InstanceName::as_str)
@@ -109,6 +130,8 @@ impl Principal {
 pub enum Error {
     #[error("invalid api key")]
     Invalid,
+    #[error("an api key is required (apikey in the query, header or auth payload)")]
+    KeyRequired,
     #[error("authentication unavailable: {0}")]
     Unavailable(String),
     #[error("too many key lookups from this address, retry later")]
@@ -120,6 +143,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Invalid => "invalid_key",
+            Error::KeyRequired => "no_key",
             Error::Unavailable(_) => "auth_unavailable",
             Error::RateLimited => "lookup_rate_limited",
         }
@@ -161,6 +185,7 @@ pub struct Authenticator {
     lookup_url: String,
     ttl: Duration,
     cache: Mutex<Cache>,
+    allowed_hosts: AllowedHosts,
 }
 
 impl Authenticator {
@@ -186,7 +211,22 @@ impl Authenticator {
             ),
             ttl: Duration::from_secs(config.token_cache_ttl_secs),
             cache: Mutex::new(Cache::default()),
+            allowed_hosts: {
+                let hosts = AllowedHosts::parse(&config.allowed_hosts, config.allow_any_host)?;
+                hosts.announce();
+                hosts
+            },
         })
+    }
+
+    /// Who a client without any key is: [`Principal::AllowedHost`] when its address is
+    /// in `WEBSOCKET_ALLOWED_HOSTS`, else refused (`KeyRequired`).
+    pub fn keyless(&self, client: Option<std::net::IpAddr>) -> Result<Principal, Error> {
+        if self.allowed_hosts.admits(client) {
+            Ok(Principal::AllowedHost)
+        } else {
+            Err(Error::KeyRequired)
+        }
     }
 
     /// Whether `key` is the global key (constant time).

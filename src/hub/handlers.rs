@@ -16,6 +16,7 @@ use super::session::{ConnectError, EngineSession, Session};
 use super::{Shared, delivery};
 use crate::auth;
 use crate::envelope::InstanceName;
+use crate::peer;
 use crate::setting::Secret;
 use crate::telemetry::names;
 use crate::upstream;
@@ -72,9 +73,20 @@ async fn admit(
     };
     let auth_payload = auth_payload.ok();
     let request = ConnectRequest::parse(socket.req_parts(), auth_payload.as_deref())?;
-    let key = request.key().ok_or(auth::Error::Invalid)?;
-    let budget = auth::Budget::of(&socket.req_parts().extensions);
-    let principal = shared.auth.resolve(&key, &budget).await?;
+    let (principal, key) = match request.key() {
+        Some(key) => {
+            let budget = auth::Budget::of(&socket.req_parts().extensions);
+            (
+                shared.auth.resolve(&key, &budget).await?,
+                Some(Secret::new(key)),
+            )
+        }
+        // Evolution's Manager: no key, from an address in WEBSOCKET_ALLOWED_HOSTS.
+        None => {
+            let client = socket.req_parts().extensions.get::<peer::ClientAddr>();
+            (shared.auth.keyless(client.map(|addr| addr.0))?, None)
+        }
+    };
     if !principal.may_join(&namespace) {
         tracing::debug!(ns = %namespace, principal = %principal.label(), "namespace refused");
         return Err(ConnectError::Forbidden(namespace));
@@ -83,7 +95,7 @@ async fn admit(
     let admitted_at = shared.replay.log(&namespace).head();
     socket.extensions.insert(Session {
         principal,
-        caller: upstream::Caller::new(instance, Secret::new(key)),
+        caller: upstream::Caller::new(instance, key),
         filter: options.filter.into(),
         resume: options.resume,
         snapshot: options.snapshot,

@@ -20,7 +20,7 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::Authenticator;
 use crate::envelope::{Envelope, InstanceName};
 use crate::replay;
 use crate::setting;
@@ -175,7 +175,7 @@ impl Hub {
                 let token = socket
                     .extensions
                     .get::<Session>()
-                    .is_some_and(|session| session.principal != Principal::Global);
+                    .is_some_and(|session| session.principal.is_token());
                 if token {
                     revoke(&socket, "instance deleted");
                 }

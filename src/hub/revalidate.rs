@@ -44,12 +44,14 @@ impl Hub {
                     .chain(strays)
                     .filter_map(|socket| {
                         let session = socket.extensions.get::<Session>()?;
-                        (session.principal != Principal::Global).then_some((socket, session))
+                        session.principal.is_token().then_some((socket, session))
                     })
                     .collect();
                 let keys: HashSet<String> = sockets
                     .iter()
-                    .map(|(_, session)| session.caller.key.expose().to_owned())
+                    .filter_map(|(_, session)| {
+                        Some(session.caller.key.as_ref()?.expose().to_owned())
+                    })
                     .collect();
                 let auth = hub.shared.auth.clone();
                 let answers: HashMap<String, Result<Principal, auth::Error>> =
@@ -67,13 +69,16 @@ impl Hub {
                 verified.retain(|key, _| answers.contains_key(key));
                 let mut unverified = 0usize;
                 for (socket, session) in &sockets {
-                    let key = session.caller.key.expose();
+                    // Token sockets always have a key; only they are in `sockets`.
+                    let Some(key) = session.caller.key.as_ref().map(|key| key.expose()) else {
+                        continue;
+                    };
                     let still = match answers.get(key) {
                         Some(Ok(principal)) => {
                             verified.insert(key.to_owned(), now);
                             principal.may_join(socket.ns())
                         }
-                        Some(Err(auth::Error::Invalid)) => false,
+                        Some(Err(auth::Error::Invalid | auth::Error::KeyRequired)) => false,
                         Some(Err(auth::Error::Unavailable(_) | auth::Error::RateLimited))
                         | None => {
                             // First seen unverified: it was verified when it connected,

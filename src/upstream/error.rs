@@ -11,6 +11,10 @@ use super::plan::{MAX_ARGUMENT_FIELDS, MAX_REQUEST_ID_BYTES};
 pub enum Error {
     #[error("emits on / have no instance: connect to /<instance>")]
     NoInstance,
+    /// A client admitted without a key (`WEBSOCKET_ALLOWED_HOSTS`): the sidecar forwards an
+    /// emit with the client's own key, and it has none.
+    #[error("emits need an api key: this socket joined without one (WEBSOCKET_ALLOWED_HOSTS)")]
+    NoKey,
     #[error("shutting down, retry later")]
     Draining,
     #[error("more than {0} calls in flight on this socket")]
@@ -47,6 +51,7 @@ impl Error {
             | Error::NotAnObject
             | Error::RequestIdNotString
             | Error::RequestIdTooLong => 400,
+            Error::NoKey => 401,
             Error::UnknownEvent(_) => 404,
             Error::TooManyCalls(_) | Error::TooManySocketBytes(_) | Error::TooManyBytes => 429,
             Error::Unreachable => 502,

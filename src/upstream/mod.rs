@@ -49,12 +49,13 @@ use memo::Memo;
 #[derive(Clone)]
 pub struct Caller {
     pub instance: Option<InstanceName>,
-    pub key: Secret,
+    /// `None` for a client admitted without a key (`WEBSOCKET_ALLOWED_HOSTS`).
+    pub key: Option<Secret>,
     pub budget: Arc<Budget>,
 }
 
 impl Caller {
-    pub fn new(instance: Option<InstanceName>, key: Secret) -> Self {
+    pub fn new(instance: Option<InstanceName>, key: Option<Secret>) -> Self {
         Self {
             instance,
             key,
@@ -128,6 +129,9 @@ impl Upstream {
         let Some(instance) = &caller.instance else {
             return Err(Error::NoInstance);
         };
+        let Some(key) = &caller.key else {
+            return Err(Error::NoKey);
+        };
         if self.draining.load(Ordering::Acquire) {
             return Err(Error::Draining);
         }
@@ -148,7 +152,7 @@ impl Upstream {
             return Err(Error::TooManyBytes);
         };
         let plan = plan(&self.routes, instance, event, argument)?;
-        let key = caller.key.expose();
+        let key = key.expose();
         let Some(request_id) = plan.request_id.clone() else {
             return self.call(plan, instance, key).await;
         };
