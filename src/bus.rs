@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::activity::Activity;
 use crate::cluster::{self, Cluster, StreamEntry};
 use crate::dedupe::Dedupe;
 use crate::envelope::{self, Envelope};
@@ -49,6 +50,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 /// The path of every event from ingest to the hub. Cheap to share (`Arc`).
 pub struct Bus {
     hub: Hub,
+    /// Per-instance activity (last event, rate, state) for silence detection.
+    activity: Arc<Activity>,
     replay: Arc<replay::Store>,
     /// With Redis, events go through the shared stream and come back to every replica.
     cluster: Option<Arc<Cluster>>,
@@ -65,6 +68,7 @@ impl Bus {
     /// `events` is `SIDECAR_EVENTS` (UPPER_SNAKE, empty: all).
     pub fn new(
         hub: Hub,
+        activity: Arc<Activity>,
         replay: Arc<replay::Store>,
         cluster: Option<Arc<Cluster>>,
         events: &[String],
@@ -82,6 +86,7 @@ impl Bus {
         }
         Self {
             hub,
+            activity,
             replay,
             cluster,
             allowed_events: (!events.is_empty()).then(|| events.iter().cloned().collect()),
@@ -106,6 +111,8 @@ impl Bus {
             && !allowed.contains(envelope.event.upper_snake())
             && !hub::is_deletion(envelope.event.as_str())
         {
+            // Not emitted, but proof that Evolution's webhooks flow.
+            self.activity.record(envelope);
             return Published::Filtered;
         }
         // While Redis is known to be down the circuit is open: publish here at once rather
@@ -131,8 +138,19 @@ impl Bus {
                 local_only.insert(print, (), LOCAL_ONLY_ENTRY_BYTES, now);
             }
         }
-        self.hub.deliver(envelope, 0).await;
+        self.deliver(envelope, 0).await;
         Published::Fresh
+    }
+
+    /// Hands an event to the hub (the only way events reach it), noting its instance's
+    /// activity first; a deletion forgets the instance instead.
+    async fn deliver(&self, envelope: &Envelope, seq: u64) {
+        if hub::is_deletion(envelope.event.as_str()) {
+            self.activity.forget(&envelope.instance);
+        } else {
+            self.activity.record(envelope);
+        }
+        self.hub.deliver(envelope, seq).await;
     }
 
     /// Starts following the shared Redis stream (Redis mode only). The task ends when the
@@ -200,7 +218,7 @@ impl Bus {
                     known
                 });
                 if !delivered_here {
-                    self.hub.deliver(&delivery.envelope, delivery.seq).await;
+                    self.deliver(&delivery.envelope, delivery.seq).await;
                 }
                 delivery.id
             }

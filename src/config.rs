@@ -18,7 +18,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::{auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook};
+use crate::{activity, auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook};
 
 pub use crate::setting::{Error, Secret};
 
@@ -72,6 +72,7 @@ pub const ENV_REDIS_TIMEOUT_MS: &str = "SIDECAR_REDIS_TIMEOUT_MS";
 pub const ENV_MAX_TCP_CONNECTIONS: &str = "SIDECAR_MAX_TCP_CONNECTIONS";
 pub const ENV_MAX_TCP_CONNECTIONS_PER_IP: &str = "SIDECAR_MAX_TCP_CONNECTIONS_PER_IP";
 pub const ENV_HTTP_HEADER_TIMEOUT_SECS: &str = "SIDECAR_HTTP_HEADER_TIMEOUT_SECS";
+pub const ENV_SILENCE_ALERT_SECS: &str = "SIDECAR_SILENCE_ALERT_SECS";
 
 /// One environment variable: its name, the TOML key it sets, and whether it is secret.
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +160,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         "server.max_tcp_connections_per_ip",
     ),
     var(ENV_HTTP_HEADER_TIMEOUT_SECS, "server.header_timeout_secs"),
+    var(ENV_SILENCE_ALERT_SECS, "activity.silence_alert_secs"),
 ];
 
 /// The whole configuration, one section per concern.
@@ -183,6 +185,7 @@ pub struct Config {
     pub redis: cluster::Config,
     pub guard: guard::Config,
     pub server: server::Config,
+    pub activity: activity::Config,
 }
 
 impl Default for Config {
@@ -201,6 +204,7 @@ impl Default for Config {
             redis: cluster::Config::default(),
             guard: guard::Config::default(),
             server: server::Config::default(),
+            activity: activity::Config::default(),
         }
     }
 }

@@ -31,6 +31,7 @@
 //! - [`peer`]: trusted proxies and the per-client key, shared by `server` and `proxy`.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod app;
 pub mod auth;
 pub mod bus;

@@ -109,6 +109,8 @@ pub mod names {
     pub const SLOW_CONSUMER_DISCONNECTS: &str = "evo_slow_consumer_disconnects_total";
     pub const DUPLICATE_WEBHOOKS: &str = "evo_duplicate_webhooks_total";
     pub const WEBHOOK_RETRIES: &str = "evo_webhook_retries_total";
+    pub const INSTANCE_SILENT: &str = "evo_instance_silent";
+    pub const INSTANCES_SILENT: &str = "evo_instances_silent";
     pub const RETAINED_BYTES: &str = "evo_retained_bytes";
     pub const REDIS_UP: &str = "evo_redis_up";
     pub const REDIS_MALFORMED_ENTRIES: &str = "evo_redis_malformed_entries_total";

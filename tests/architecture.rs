@@ -285,6 +285,12 @@ fn the_module_graph_keeps_the_documented_rules() {
         }
     }
     rule(!graph.imports("upstream", "hub"), "upstream imports hub");
+    for module in ["hub", "bus"] {
+        rule(
+            !graph.imports("activity", module),
+            &format!("activity imports {module}"),
+        );
+    }
     // Only `config` composes the sections; the shared value types are a leaf.
     for (module, targets) in &top {
         if module != "config" && module != "app" && module != "lib" && module != "main" {

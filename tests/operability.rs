@@ -810,3 +810,152 @@ async fn an_unlicensed_evolution_2_4_is_reported_and_its_answer_passed_through()
     .await;
     app.stop().await;
 }
+
+/// Silent-webhook detection: an instance whose last `connection.update` said `open` stops
+/// sending; after `SIDECAR_SILENCE_ALERT_SECS` it is warned about once (with what Evolution
+/// says of its state), `evo_instance_silent{instance}` is 1 and `/_sidecar/instances` marks
+/// it; a closed instance that is just as quiet is not; the next event clears it.
+#[tokio::test]
+async fn an_open_instance_that_falls_silent_is_warned_about_once_and_shown() {
+    use axum::extract::Path;
+    let evolution = FakeEvolution::builder()
+        .route(
+            "/instance/connectionState/{name}",
+            axum::routing::get(|Path(name): Path<String>| async move {
+                axum::Json(json!({"instance": {"instanceName": name, "state": "open"}}))
+            }),
+        )
+        .start()
+        .await;
+    let launch = Launch {
+        piped: true,
+        log: Some("info".into()),
+        ..Default::default()
+    };
+    let sidecar = Sidecar::launch(
+        &[
+            ("SIDECAR_UPSTREAM_URL", evolution.url()),
+            ("AUTHENTICATION_API_KEY", GLOBAL_KEY.into()),
+            ("SIDECAR_WEBHOOK_PATH_TOKEN", "tok".into()),
+            ("SIDECAR_SILENCE_ALERT_SECS", "2".into()),
+        ],
+        launch,
+    )
+    .await;
+    let url = sidecar.url("/_sidecar/webhook/tok");
+    let state = |instance: &str, state: &str| {
+        json!({"event": "connection.update", "instance": instance,
+               "data": {"instance": instance, "state": state, "statusReason": 200}})
+        .to_string()
+    };
+    assert_eq!(post_webhook(&url, state("acme", "open")).await.0, 200);
+    assert_eq!(post_webhook(&url, state("quiet-one", "close")).await.0, 200);
+    for n in 0..2 {
+        let body = event_body("messages.upsert", "acme", n);
+        assert_eq!(post_webhook(&url, body).await.0, 200);
+    }
+    let mut js = JsDriver::start().await;
+    let report = js
+        .connect(
+            "c",
+            &sidecar.url("/acme"),
+            with_key("websocket", GLOBAL_KEY),
+        )
+        .await;
+    assert_eq!(report["type"], "connect");
+
+    let instances = || async {
+        let response = http()
+            .get(sidecar.url("/_sidecar/instances"))
+            .header("apikey", GLOBAL_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()
+    };
+    let row = |body: &Value, name: &str| -> Value {
+        body["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["instance"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not in {body}"))
+    };
+    // Operator data: not without the global key.
+    let anonymous = http()
+        .get(sidecar.url("/_sidecar/instances"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let body = instances().await;
+    assert_eq!(body["silence_alert_secs"], 2);
+    let acme = row(&body, "acme");
+    assert_eq!(
+        (
+            &acme["state"],
+            &acme["events_per_minute"],
+            &acme["clients"],
+            &acme["silent"]
+        ),
+        (&json!("open"), &json!(3), &json!(1), &json!(false)),
+        "{acme}"
+    );
+    assert_eq!(acme["last_event"], "messages.upsert");
+    assert_eq!(row(&body, "quiet-one")["state"], "close");
+
+    let silent_metric = || async {
+        let text = http()
+            .get(sidecar.url("/_sidecar/metrics"))
+            .bearer_auth(GLOBAL_KEY)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric(&text, r#"evo_instance_silent{instance="acme"}"#)
+    };
+    eventually_value("acme falls silent", Duration::from_secs(15), async || {
+        let body = instances().await;
+        if row(&body, "acme")["silent"] == true {
+            Ok(body)
+        } else {
+            Err(row(&body, "acme"))
+        }
+    })
+    .await;
+    assert_eq!(silent_metric().await, 1.0);
+    let body = instances().await;
+    assert_eq!(
+        row(&body, "quiet-one")["silent"],
+        false,
+        "a closed instance may be quiet"
+    );
+    assert!(row(&body, "acme")["last_event_secs_ago"].as_u64().unwrap() >= 2);
+
+    // It speaks again: cleared.
+    assert_eq!(
+        post_webhook(&url, event_body("call", "acme", 9)).await.0,
+        200
+    );
+    assert_eq!(row(&instances().await, "acme")["silent"], false);
+    assert_eq!(silent_metric().await, 0.0);
+    js.shutdown().await;
+
+    sidecar.terminate();
+    let (_, logs) = sidecar.finish().await;
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("has sent no event"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "warned once: {logs}");
+    assert!(
+        warnings[0].contains("acme") && warnings[0].contains("connectionState is open"),
+        "{}",
+        warnings[0]
+    );
+    assert!(logs.contains("instance sends events again"), "{logs}");
+}

@@ -338,7 +338,10 @@ async fn the_manager_joins_without_a_key_only_from_an_allowed_host() {
         .await;
     assert_eq!(ack[0]["status"], 401, "{ack}");
     assert!(
-        ack[0]["error"].as_str().unwrap().contains("WEBSOCKET_ALLOWED_HOSTS"),
+        ack[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("WEBSOCKET_ALLOWED_HOSTS"),
         "{ack}"
     );
     assert!(evolution.requests().is_empty(), "nothing was forwarded");

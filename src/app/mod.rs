@@ -21,10 +21,12 @@ use axum::routing::{any, get, post};
 use http::StatusCode;
 use tokio::net::TcpListener;
 
+use crate::activity::{self, Activity};
 use crate::auth::{self, Authenticator};
 use crate::bus::Bus;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::envelope::InstanceName;
 use crate::guard::Guard;
 use crate::health::{self, Health};
 use crate::hub::{self, Hub};
@@ -47,6 +49,7 @@ pub struct App {
     metrics_router: Option<(SocketAddr, Router)>,
     hub: Hub,
     bus: Arc<Bus>,
+    activity: Arc<Activity>,
     upstream: Arc<Upstream>,
     replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
@@ -72,8 +75,14 @@ impl App {
         let cluster = Cluster::new(&config.redis, replay.max_age())?;
         let (socketio_layer, hub) =
             Hub::build(&config.hub, auth.clone(), upstream.clone(), replay.clone())?;
+        let activity = Arc::new(Activity::new(
+            &config.activity,
+            config.upstream.base_url(),
+            config.auth.api_key.as_ref(),
+        )?);
         let bus = Arc::new(Bus::new(
             hub.clone(),
+            activity.clone(),
             replay.clone(),
             cluster.clone(),
             &config.hub.events,
@@ -112,7 +121,7 @@ impl App {
             None => {
                 // The public listener: instance names and usage are the operator's.
                 sidecar = sidecar.merge(metrics_routes().layer(
-                    axum::middleware::from_fn_with_state(auth, auth::require_global_key),
+                    axum::middleware::from_fn_with_state(auth.clone(), auth::require_global_key),
                 ));
                 None
             }
@@ -120,6 +129,23 @@ impl App {
         if config.inspector {
             sidecar = sidecar.merge(inspector::routes().with_state(()));
         }
+        // Instance names and activity are the operator's: the global key only.
+        let view = activity::InstancesView {
+            activity: activity.clone(),
+            clients: {
+                let hub = hub.clone();
+                Arc::new(move |instance: &InstanceName| hub.clients(&instance.namespace()))
+            },
+        };
+        sidecar = sidecar.merge(
+            Router::new()
+                .route("/_sidecar/instances", get(activity::instances))
+                .with_state(view)
+                .layer(axum::middleware::from_fn_with_state(
+                    auth.clone(),
+                    auth::require_global_key,
+                )),
+        );
 
         let router = Router::new()
             .route_service("/socket.io/", socketio.clone())
@@ -137,6 +163,7 @@ impl App {
             metrics_router,
             hub,
             bus,
+            activity,
             upstream,
             replay,
             draining,
@@ -203,6 +230,7 @@ impl App {
         tasks.spawn(replay::sweep(Arc::downgrade(&self.replay)));
         tasks.spawn(self.hub.revalidate(self.token_ttl));
         tasks.spawn(self.hub.sweep_namespaces());
+        tasks.spawn(self.activity.clone().watch());
         let _reader = self.bus.spawn_reader();
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);

@@ -43,9 +43,10 @@ pub async fn check_handshake(
     }
 }
 
-/// HTTP middleware on `/_sidecar/metrics` on the public listener: instance names and usage
-/// are for the operator, so it takes `Authorization: Bearer <global key>` (Prometheus'
-/// `authorization` scrape setting). Without a global key configured, it is always 401.
+/// HTTP middleware on the operator's endpoints (`/_sidecar/metrics` on the public listener,
+/// `/_sidecar/instances`): instance names and usage are for the operator, so it takes
+/// `Authorization: Bearer <global key>` (Prometheus' `authorization` scrape setting) or
+/// Evolution's `apikey: <global key>` header. Without a global key configured, always 401.
 pub async fn require_global_key(
     State(auth): State<Arc<Authenticator>>,
     request: Request,
@@ -57,12 +58,18 @@ pub async fn require_global_key(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .map(|(_, token)| token.trim())
+        .or_else(|| {
+            request
+                .headers()
+                .get("apikey")
+                .and_then(|value| value.to_str().ok())
+        });
     if presented.is_some_and(|key| auth.is_global(key)) {
         return next.run(request).await;
     }
     let body = serde_json::json!({
-        "error": "metrics need `Authorization: Bearer <AUTHENTICATION_API_KEY>` on this listener, or SIDECAR_METRICS_LISTEN"
+        "error": "this endpoint needs the global key: `Authorization: Bearer <AUTHENTICATION_API_KEY>` or `apikey: <AUTHENTICATION_API_KEY>` (metrics: or SIDECAR_METRICS_LISTEN)"
     });
     (
         StatusCode::UNAUTHORIZED,

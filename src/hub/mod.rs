@@ -295,6 +295,11 @@ impl Hub {
     }
 
     /// Connected sockets on this node, across namespaces.
+    /// Sockets connected to `namespace`.
+    pub fn clients(&self, namespace: &str) -> usize {
+        self.io.of(namespace).map_or(0, |ns| ns.sockets().len())
+    }
+
     pub fn socket_count(&self) -> usize {
         self.io
             .nsps()

@@ -28,8 +28,10 @@
     pausedNote: $('paused-note'), events: $('events'), empty: $('empty'), shown: $('shown'),
     rate: $('rate'), rateNow: $('rate-now'), counts: $('counts'), total: $('total'),
     sendForm: $('send-form'), number: $('number'), text: $('text'), send: $('send'),
-    ack: $('ack'), ackStatus: $('ack-status'), ackBody: $('ack-body')
+    ack: $('ack'), ackStatus: $('ack-status'), ackBody: $('ack-body'),
+    activity: $('activity'), activityList: $('activity-list'), activityNote: $('activity-note')
   };
+  var ACTIVITY_EVERY_MS = 5000;  // how often the Instances panel asks /_sidecar/instances
 
   var state = {
     socket: null,
@@ -130,6 +132,7 @@
       store(STORE_KEY, key);
       el.forget.hidden = false;
       el.instanceForm.hidden = false;
+      refreshActivity(key);
       if (preferred && names.indexOf(preferred) >= 0) el.instance.value = preferred;
       setStatus('idle', names.length + (names.length === 1 ? ' instance' : ' instances') + ' found: pick one');
       return names;
@@ -142,6 +145,72 @@
     }).finally(function () {
       el.list.disabled = false;
       el.list.textContent = 'List instances';
+    });
+  }
+
+  // ---- instances' activity (global key only) ----
+
+  var activityTimer = 0;
+  function ago(secs) {
+    if (secs < 60) return secs + ' s';
+    if (secs < 3600) return Math.floor(secs / 60) + ' min';
+    return Math.floor(secs / 3600) + ' h';
+  }
+  function renderActivity(body) {
+    var rows = body && Array.isArray(body.instances) ? body.instances : [];
+    var items = rows.map(function (row) {
+      var li = document.createElement('li');
+      li.className = row.silent ? 'silent' : '';
+      var name = document.createElement('span');
+      name.className = 'name';
+      name.textContent = String(row.instance);
+      var last = document.createElement('span');
+      last.className = 'last';
+      last.textContent = 'last event ' + ago(Number(row.last_event_secs_ago) || 0) + ' ago';
+      var detail = document.createElement('span');
+      detail.className = 'muted';
+      var parts = [];
+      if (row.state) parts.push(String(row.state));
+      parts.push((Number(row.events_per_minute) || 0) + '/min');
+      var clients = Number(row.clients) || 0;
+      parts.push(clients + (clients === 1 ? ' client' : ' clients'));
+      detail.textContent = parts.join(' · ');
+      li.append(name, last, detail);
+      if (row.silent) {
+        var tag = document.createElement('span');
+        tag.className = 'silent-tag';
+        tag.textContent = 'silent';
+        li.append(tag);
+      }
+      return li;
+    });
+    if (!items.length) {
+      var none = document.createElement('li');
+      none.className = 'muted';
+      none.textContent = 'No event received yet.';
+      items.push(none);
+    }
+    el.activityList.replaceChildren.apply(el.activityList, items);
+    var after = body && body.silence_alert_secs;
+    el.activityNote.textContent = after ? 'silence alert after ' + ago(after) : 'every 5 s';
+  }
+  function refreshActivity(key) {
+    clearTimeout(activityTimer);
+    if (!key) { el.activity.hidden = true; return; }
+    fetch(ROOT + '/_sidecar/instances', {
+      headers: { apikey: key, accept: 'application/json' },
+      cache: 'no-store',
+      credentials: 'omit'
+    }).then(function (response) {
+      // Instance tokens do not see other instances: the panel is for the global key.
+      if (!response.ok) throw new Error('HTTP ' + response.status);
+      return response.json();
+    }).then(function (body) {
+      el.activity.hidden = false;
+      renderActivity(body);
+      activityTimer = setTimeout(function () { refreshActivity(key); }, ACTIVITY_EVERY_MS);
+    }, function () {
+      el.activity.hidden = true;
     });
   }
 
@@ -807,6 +876,7 @@
     el.forget.hidden = true;
     el.instanceForm.hidden = true;
     el.instance.replaceChildren();
+    refreshActivity('');
     setStatus('idle', 'Not connected');
     el.apikey.focus();
   });
