@@ -6,7 +6,8 @@
 // Environment: EVO_REALTIME_BIN (default target/debug/evo-realtime), CHROMIUM (default
 // `command -v chromium`). Screenshots go to artifacts/: inspector.png (1280x900),
 // inspector-dark.png, inspector-360.png (360x800), inspector-360-full.png (the whole page at
-// 360 px) and inspector-wrong-key.png (the error a wrong key shows).
+// 360 px), inspector-wrong-key.png (the error a wrong key shows) and inspector-instances.png
+// (the Instances panel with a silent instance).
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -46,6 +47,9 @@ function fakeEvolution() {
       };
       if (req.method === 'GET' && url.pathname === '/instance/fetchInstances') {
         if (apikey === TOKEN) {
+          return reply(200, [{ id: 'id-acme', name: INSTANCE, connectionStatus: 'open', token: TOKEN }]);
+        }
+        if (apikey === GLOBAL_KEY) {
           return reply(200, [{ id: 'id-acme', name: INSTANCE, connectionStatus: 'open', token: TOKEN }]);
         }
         return reply(401, { status: 401, error: 'Unauthorized', response: { message: 'Unauthorized' } });
@@ -380,5 +384,44 @@ test('SIDECAR_INSPECTOR=false turns the page off', async () => {
     }
   } finally {
     await off.stop();
+  }
+});
+
+test('the Instances panel shows each instance\'s last event and marks a silent one', async () => {
+  const watched = await startSidecar(upstreamPort, {
+    SIDECAR_SILENCE_ALERT_SECS: '2',
+    WEBSOCKET_ALLOWED_HOSTS: '127.0.0.1',
+    WEBSOCKET_GLOBAL_EVENTS: 'true',
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, colorScheme: 'light' });
+  try {
+    const page = await context.newPage();
+    await postWebhook(watched.base, readFileSync(path.join(FIXTURES, 'connection-update.json')));
+    await page.goto(`${watched.base}/_sidecar/inspector`);
+    await page.fill('#apikey', GLOBAL_KEY);
+    await page.click('#list');
+    const line = page.locator('#activity-list li', { hasText: INSTANCE });
+    await line.waitFor({ timeout: PATIENCE });
+    assert.match(await line.innerText(), /last event \d+ s ago/);
+    assert.match(await line.innerText(), /open/);
+    // Nothing more is sent: past SIDECAR_SILENCE_ALERT_SECS the panel marks it silent.
+    await waitFor(async () => (await line.getAttribute('class')) === 'silent', 'the silent mark', 15_000);
+    assert.match(await line.innerText(), /silent/);
+    await page.locator('#activity').screenshot({ path: path.join(ARTIFACTS, 'inspector-instances.png') });
+
+    // Evolution's Manager, from this browser (127.0.0.1 is allowed): no key, namespace /.
+    const received = page.evaluate(() => new Promise((resolve, reject) => {
+      // eslint-disable-next-line no-undef
+      const socket = io(location.origin, { transports: ['websocket', 'polling'], reconnectionAttempts: 5 });
+      socket.on('connect_error', (err) => reject(new Error(err.message)));
+      socket.on('connect', () => { window.managerConnected = true; });
+      socket.on('messages.upsert', (payload) => { resolve(payload.instance); socket.close(); });
+    }));
+    await waitFor(() => page.evaluate(() => window.managerConnected === true), 'the Manager to connect');
+    await postWebhook(watched.base, readFileSync(path.join(FIXTURES, 'messages-upsert.json')));
+    assert.equal(await received, INSTANCE);
+  } finally {
+    await context.close();
+    await watched.stop();
   }
 });
