@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::{Envelope, InstanceName};
+use crate::license;
 use crate::setting::{self, Secret};
 use crate::telemetry::names;
 use crate::upstream;
@@ -386,11 +387,14 @@ impl Probe {
                 .send()
                 .await
                 .map_err(|err| format!("unreachable ({err})"))?;
-            let status = response.status();
-            if !status.is_success() {
+            // A state is tiny: only the head of the answer is read.
+            let (status, body) = license::head(response).await;
+            if license::is_gate_answer(status, &body) {
+                return Err("Evolution is not activated (503 LICENSE_REQUIRED)".to_owned());
+            }
+            if !(200..300).contains(&status) {
                 return Err(format!("answered {status}"));
             }
-            let body = response.bytes().await.map_err(|err| err.to_string())?;
             let answer: Answer = serde_json::from_slice(&body)
                 .map_err(|_| "answered something else than a state".to_owned())?;
             Ok(answer.instance.and_then(|inner| inner.state))

@@ -14,7 +14,8 @@ pub const STATUS_PATH: &str = "license/status";
 pub const ANSWER_BYTES: usize = 4096;
 
 /// An answer's status and at most the first [`ANSWER_BYTES`] (or so) of its body: enough to
-/// recognize Evolution's license answers, and never an unbounded read.
+/// recognize Evolution's license answers (or any other small answer, such as an instance's
+/// connection state), and never an unbounded read.
 pub async fn head(mut response: reqwest::Response) -> (u16, Vec<u8>) {
     let status = response.status().as_u16();
     let mut body = Vec::new();

@@ -96,8 +96,10 @@ async fn a_recovering_client_that_never_reads_stalls_no_webhook() {
     let p99 = quantile(&mut took, 0.99);
     let max = *took.last().unwrap();
     println!("stuck recovering client: {total} webhooks, p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    // The failure this catches holds each webhook up to 10 s (the send timeout); a loaded
+    // 2-core machine alone reached a p99 of 60 ms, so the bound sits well between the two.
     assert!(
-        p99 < Duration::from_millis(50),
+        p99 < Duration::from_millis(500),
         "a client that never reads held the namespace: p99 {p99:?}, max {max:?}"
     );
 
