@@ -907,15 +907,7 @@ async fn an_open_instance_that_falls_silent_is_warned_about_once_and_shown() {
     assert_eq!(row(&body, "quiet-one")["state"], "close");
 
     let silent_metric = || async {
-        let text = http()
-            .get(sidecar.url("/_sidecar/metrics"))
-            .bearer_auth(GLOBAL_KEY)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let (_, text) = scrape_metrics(&sidecar.url("/_sidecar/metrics")).await;
         metric(&text, r#"evo_instance_silent{instance="acme"}"#)
     };
     eventually_value("acme falls silent", Duration::from_secs(15), async || {
