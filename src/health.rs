@@ -1,9 +1,9 @@
 //! `/_sidecar/healthz` and `/_sidecar/readyz`.
 //!
 //! Readiness means "the upstream Evolution API answers": checked at most once per
-//! [`READY_CACHE`] so probes never load it, and false at once while draining. Redis only
-//! degrades readiness's body, never its status: every replica shares it, and a blip must not
-//! take them all out.
+//! [`READY_CACHE`] so probes never load it, and false at once while draining. Redis and
+//! RabbitMQ only degrade readiness's body, never its status: every replica shares them, a
+//! blip must not take them all out, and webhooks still work without either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use tokio::sync::Mutex;
 
+use crate::amqp;
 use crate::cluster::Cluster;
 use crate::setting;
 
@@ -28,6 +29,7 @@ pub struct Health {
     http: reqwest::Client,
     upstream_url: String,
     cluster: Option<Arc<Cluster>>,
+    amqp: Option<Arc<amqp::Consumer>>,
     draining: Arc<AtomicBool>,
     last: Mutex<Option<(Instant, bool)>>,
 }
@@ -36,6 +38,7 @@ impl Health {
     pub fn new(
         upstream_url: &str,
         cluster: Option<Arc<Cluster>>,
+        amqp: Option<Arc<amqp::Consumer>>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, setting::Error> {
         let http = reqwest::Client::builder()
@@ -47,6 +50,7 @@ impl Health {
             http,
             upstream_url: upstream_url.trim_end_matches('/').to_owned() + "/",
             cluster,
+            amqp,
             draining,
             last: Mutex::new(None),
         })
@@ -92,6 +96,11 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     };
     if let Some(redis) = redis {
         body["redis"] = redis.into();
+    }
+    // The broker down: the consumer reconnects, webhooks still work, nothing is lost
+    // (the queue keeps what Evolution publishes meanwhile).
+    if let Some(consumer) = &health.amqp {
+        body["amqp"] = if consumer.is_up() { "up" } else { "degraded" }.into();
     }
     // A replica still reading the retained stream (or stalled before it caught up) would
     // serve a partial log.

@@ -21,6 +21,7 @@ use axum::routing::{any, get, post};
 use http::StatusCode;
 use tokio::net::TcpListener;
 
+use crate::amqp;
 use crate::auth::{self, Authenticator};
 use crate::bus::Bus;
 use crate::cluster::Cluster;
@@ -47,6 +48,8 @@ pub struct App {
     metrics_router: Option<(SocketAddr, Router)>,
     hub: Hub,
     bus: Arc<Bus>,
+    /// The RabbitMQ consumer, when `SIDECAR_AMQP_URL` is set.
+    amqp: Option<Arc<amqp::Consumer>>,
     upstream: Arc<Upstream>,
     replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
@@ -84,12 +87,20 @@ impl App {
             bus.clone(),
             draining.clone(),
         )?);
+        let amqp = amqp::Consumer::new(
+            &config.amqp,
+            bus.clone(),
+            config.webhook.max_body_bytes,
+            config.webhook.dedupe_window_secs,
+            &config.hub.events,
+        );
         let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
         let guard = Arc::new(Guard::new(&config.guard, hub.connected(), hub.sessions())?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
             cluster,
+            amqp.clone(),
             draining.clone(),
         )?);
 
@@ -137,6 +148,7 @@ impl App {
             metrics_router,
             hub,
             bus,
+            amqp,
             upstream,
             replay,
             draining,
@@ -198,12 +210,15 @@ impl App {
     ) -> std::io::Result<()> {
         // Every background task belongs to this call: if it is dropped (the app is not
         // served to completion), `tasks` aborts them and the reader guard stops the stream
-        // reader, so nothing outlives the app (Redis connections close with it).
+        // reader, so nothing outlives the app (Redis and AMQP connections close with it).
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(replay::sweep(Arc::downgrade(&self.replay)));
         tasks.spawn(self.hub.revalidate(self.token_ttl));
         tasks.spawn(self.hub.sweep_namespaces());
         let _reader = self.bus.spawn_reader();
+        if let Some(consumer) = &self.amqp {
+            tasks.spawn(consumer.clone().run());
+        }
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tasks.spawn(drain(
