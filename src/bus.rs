@@ -233,6 +233,24 @@ impl Bus {
     }
 }
 
+/// A publish that ended without saying whether the event was retained (its task panicked
+/// or was cancelled): the sender must deliver it again, never count it as accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("the event was not retained: {0}")]
+pub struct NotRetained(pub String);
+
+/// Runs `publish` as its own task, so a caller that is cancelled (a webhook client hanging
+/// up) cannot cut it between "seen" and "retained". A task that panics or is cancelled says
+/// nothing about retention: only [`NotRetained`] is safe, never an acknowledgement.
+/// Every ingest (`webhook`, `amqp`) publishes through this.
+pub async fn retained(
+    publish: impl Future<Output = Published> + Send + 'static,
+) -> Result<Published, NotRetained> {
+    tokio::spawn(publish)
+        .await
+        .map_err(|err| NotRetained(err.to_string()))
+}
+
 /// The stream reader's task: aborted when dropped.
 pub struct Reader(tokio::task::JoinHandle<()>);
 

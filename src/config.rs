@@ -18,7 +18,9 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::{activity, auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook};
+use crate::{
+    activity, amqp, auth, cluster, guard, hub, replay, server, telemetry, upstream, webhook,
+};
 
 pub use crate::setting::{Error, Secret};
 
@@ -64,6 +66,10 @@ pub const ENV_REPLAY_MAX_BYTES: &str = "SIDECAR_REPLAY_MAX_BYTES";
 pub const ENV_REPLAY_MAX_TOTAL_BYTES: &str = "SIDECAR_REPLAY_MAX_TOTAL_BYTES";
 pub const ENV_DEDUPE_WINDOW_SECS: &str = "SIDECAR_DEDUPE_WINDOW_SECS";
 pub const ENV_REDIS_URL: &str = "SIDECAR_REDIS_URL";
+pub const ENV_AMQP_URL: &str = "SIDECAR_AMQP_URL";
+pub const ENV_AMQP_EXCHANGE: &str = "SIDECAR_AMQP_EXCHANGE";
+pub const ENV_AMQP_QUEUE: &str = "SIDECAR_AMQP_QUEUE";
+pub const ENV_AMQP_PREFETCH: &str = "SIDECAR_AMQP_PREFETCH";
 pub const ENV_HANDSHAKE_RATE_PER_IP: &str = "SIDECAR_HANDSHAKE_RATE_PER_IP";
 pub const ENV_HANDSHAKE_BURST_PER_IP: &str = "SIDECAR_HANDSHAKE_BURST_PER_IP";
 pub const ENV_TRUSTED_PROXIES: &str = "SIDECAR_TRUSTED_PROXIES";
@@ -150,6 +156,10 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_REPLAY_MAX_TOTAL_BYTES, "replay.max_total_bytes"),
     secret(ENV_REDIS_URL, "redis.url"),
     var(ENV_REDIS_TIMEOUT_MS, "redis.timeout_ms"),
+    secret(ENV_AMQP_URL, "amqp.url"),
+    var(ENV_AMQP_EXCHANGE, "amqp.exchange"),
+    var(ENV_AMQP_QUEUE, "amqp.queue"),
+    var(ENV_AMQP_PREFETCH, "amqp.prefetch"),
     var(ENV_HANDSHAKE_RATE_PER_IP, "guard.handshake_rate_per_ip"),
     var(ENV_HANDSHAKE_BURST_PER_IP, "guard.handshake_burst_per_ip"),
     var(ENV_TRUSTED_PROXIES, "guard.trusted_proxies"),
@@ -183,6 +193,7 @@ pub struct Config {
     pub webhook: webhook::Config,
     pub replay: replay::Config,
     pub redis: cluster::Config,
+    pub amqp: amqp::Config,
     pub guard: guard::Config,
     pub server: server::Config,
     pub activity: activity::Config,
@@ -202,6 +213,7 @@ impl Default for Config {
             webhook: webhook::Config::default(),
             replay: replay::Config::default(),
             redis: cluster::Config::default(),
+            amqp: amqp::Config::default(),
             guard: guard::Config::default(),
             server: server::Config::default(),
             activity: activity::Config::default(),
@@ -249,6 +261,7 @@ impl Config {
             self.webhook.validate(),
             self.replay.validate(),
             self.redis.validate(),
+            self.amqp.validate(),
             self.guard.validate(),
             self.server.validate(),
         ];

@@ -175,6 +175,15 @@ impl fmt::Debug for EventName {
     }
 }
 
+/// The events that say an instance is gone (Evolution sends either name). They pass every
+/// event filter: each replica must see them to forget the instance.
+pub const DELETION_EVENTS: [&str; 2] = ["instance.delete", "remove.instance"];
+
+/// Whether an event says the instance is gone.
+pub fn is_deletion(event: &str) -> bool {
+    DELETION_EVENTS.contains(&event)
+}
+
 /// Every event Evolution API sends, 2.3.6 to 2.4 (the dotted values of its `Events` enum
 /// across those versions), sorted. Events outside it are still accepted and emitted: a
 /// newer Evolution may add some. It names metric labels (anything else is `other`) and

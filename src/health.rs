@@ -5,9 +5,9 @@
 //! `GET /license/status`: any answer means Evolution serves (2.3.x answers 404), and 2.4's
 //! `{"status":"inactive"}` is reported as `"upstream":"unlicensed"`, still ready: events
 //! and global-key clients keep flowing while Evolution's REST routes answer 503
-//! `LICENSE_REQUIRED` (see [`crate::license`]). Redis only
-//! degrades readiness's body, never its status: every replica shares it, and a blip must not
-//! take them all out.
+//! `LICENSE_REQUIRED` (see [`crate::license`]). Redis and RabbitMQ only degrade readiness's
+//! body, never its status: every replica shares them, a blip must not take them all out, and
+//! webhooks still work without either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use tokio::sync::Mutex;
 
+use crate::amqp;
 use crate::cluster::Cluster;
 use crate::{license, setting};
 
@@ -32,6 +33,7 @@ pub struct Health {
     http: reqwest::Client,
     probe_url: String,
     cluster: Option<Arc<Cluster>>,
+    amqp: Option<Arc<amqp::Consumer>>,
     draining: Arc<AtomicBool>,
     last: Mutex<Option<(Instant, Upstream)>>,
 }
@@ -59,6 +61,7 @@ impl Health {
     pub fn new(
         upstream_url: &str,
         cluster: Option<Arc<Cluster>>,
+        amqp: Option<Arc<amqp::Consumer>>,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, setting::Error> {
         let http = reqwest::Client::builder()
@@ -74,6 +77,7 @@ impl Health {
                 license::STATUS_PATH
             ),
             cluster,
+            amqp,
             draining,
             last: Mutex::new(None),
         })
@@ -133,6 +137,11 @@ pub async fn readyz(State(health): State<Arc<Health>>) -> Response {
     };
     if let Some(redis) = redis {
         body["redis"] = redis.into();
+    }
+    // The broker down: the consumer reconnects, webhooks still work, nothing is lost
+    // (the queue keeps what Evolution publishes meanwhile).
+    if let Some(consumer) = &health.amqp {
+        body["amqp"] = if consumer.is_up() { "up" } else { "degraded" }.into();
     }
     // A replica still reading the retained stream (or stalled before it caught up) would
     // serve a partial log.

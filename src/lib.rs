@@ -1,7 +1,8 @@
 //! evo-realtime: realtime Socket.IO for Evolution API, as a sidecar.
 //!
 //! ```text
-//! Evolution API --POST--> webhook (auth, parse) --Envelope--> hub --> sockets
+//! Evolution API --POST--> webhook (auth, parse) --Envelope--> bus --> hub --> sockets
+//! Evolution's RabbitMQ --> amqp (own queue, parse) --Envelope--> bus (ack once retained)
 //! sockets --emit--> hub --> upstream (route table) --> Evolution REST --> ack
 //! other HTTP --> proxy --> Evolution API
 //! ```
@@ -10,6 +11,7 @@
 //! - [`config`]: layered settings (defaults < TOML < env < flags) and every `ENV_*` name.
 //! - [`envelope`]: the event, its three name forms, and the byte-exact emitted payload.
 //! - [`webhook`]: the ingest endpoint: credentials, limits, statuses.
+//! - [`amqp`]: the second ingest: Evolution's RabbitMQ output, consumed into the bus.
 //! - [`bus`]: retain, then fan out: dedupe, the Redis stream or the local log, to the hub.
 //! - [`hub`]: socket.io namespaces, namespace permission, filters, delivery.
 //! - [`guard`]: handshake admission: per-IP rate limit and connection cap.
@@ -32,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod activity;
+pub mod amqp;
 pub mod app;
 pub mod auth;
 pub mod bus;

@@ -122,6 +122,8 @@ pub mod names {
     pub const ACCEPT_ERRORS: &str = "evo_accept_errors_total";
     pub const REVALIDATION_FAILURES: &str = "evo_token_revalidation_failures_total";
     pub const UNVERIFIED_SOCKETS: &str = "evo_token_sockets_unverified";
+    pub const AMQP_UP: &str = "evo_amqp_up";
+    pub const AMQP_MESSAGES: &str = "evo_amqp_messages_total";
 }
 
 /// Handles of the metrics on the per-webhook and per-delivery paths, registered once, so
@@ -139,6 +141,9 @@ pub struct Meters {
     pub redis_up: Gauge,
     pub redis_malformed_entries: Counter,
     pub redis_reader_stalled: Gauge,
+    pub amqp_up: Gauge,
+    /// `evo_amqp_messages_total` per outcome (`amqp::Outcome::label`, seven values).
+    amqp_messages: std::sync::Mutex<HashMap<&'static str, Counter>>,
     /// `evo_webhooks_total` per (event label, status): bounded by the event names
     /// Evolution sends (`envelope::EVOLUTION_EVENTS`, else `other`) times the statuses
     /// ingest answers; each registered on first use.
@@ -146,6 +151,15 @@ pub struct Meters {
 }
 
 impl Meters {
+    /// The `evo_amqp_messages_total{outcome}` counter.
+    pub fn amqp_message(&self, outcome: &'static str) -> Counter {
+        let mut messages = self.amqp_messages.lock().unwrap_or_else(|e| e.into_inner());
+        messages
+            .entry(outcome)
+            .or_insert_with(|| metrics::counter!(names::AMQP_MESSAGES, "outcome" => outcome))
+            .clone()
+    }
+
     /// The `evo_webhooks_total{event, status}` counter.
     pub fn webhook(&self, event: &'static str, status: u16) -> Counter {
         let mut webhooks = self.webhooks.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,6 +190,8 @@ pub fn meters() -> &'static Meters {
             redis_up: metrics::gauge!(names::REDIS_UP),
             redis_malformed_entries: metrics::counter!(names::REDIS_MALFORMED_ENTRIES),
             redis_reader_stalled: metrics::gauge!(names::REDIS_READER_STALLED),
+            amqp_up: metrics::gauge!(names::AMQP_UP),
+            amqp_messages: std::sync::Mutex::new(HashMap::new()),
             webhooks: std::sync::Mutex::new(HashMap::new()),
         }
     })

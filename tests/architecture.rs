@@ -266,6 +266,21 @@ fn the_module_graph_keeps_the_documented_rules() {
         }
     };
     rule(!graph.imports("webhook", "hub"), "webhook imports hub");
+    // The RabbitMQ ingest is an ingest like the webhook: through the bus, never the hub.
+    assert!(graph.imports("amqp", "bus"), "amqp → bus");
+    for module in ["hub", "webhook"] {
+        rule(
+            !graph.imports("amqp", module),
+            &format!("amqp imports {module}"),
+        );
+    }
+    for name in ["socketioxide", "axum"] {
+        rule(
+            !graph.names_crate("amqp", name),
+            &format!("amqp names {name}"),
+        );
+    }
+    rule(!graph.imports("hub", "amqp"), "hub imports amqp");
     rule(
         !graph.names_crate("webhook", "socketioxide"),
         "webhook names socketioxide",

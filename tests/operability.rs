@@ -670,7 +670,10 @@ fn deploy_files_use_only_known_settings() {
         .chain(["SIDECAR_CONFIG"])
         .collect();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    let mut files = vec![dir.join("docker-compose.yml")];
+    let mut files = vec![
+        dir.join("docker-compose.yml"),
+        dir.join("docker-compose.rabbitmq.yml"),
+    ];
     for entry in std::fs::read_dir(dir.join("kubernetes")).unwrap() {
         files.push(entry.unwrap().path());
     }

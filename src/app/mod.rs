@@ -22,6 +22,7 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 
 use crate::activity::{self, Activity};
+use crate::amqp;
 use crate::auth::{self, Authenticator};
 use crate::bus::Bus;
 use crate::cluster::Cluster;
@@ -50,6 +51,8 @@ pub struct App {
     hub: Hub,
     bus: Arc<Bus>,
     activity: Arc<Activity>,
+    /// The RabbitMQ consumer, when `SIDECAR_AMQP_URL` is set.
+    amqp: Option<Arc<amqp::Consumer>>,
     upstream: Arc<Upstream>,
     replay: Arc<replay::Store>,
     draining: Arc<AtomicBool>,
@@ -93,12 +96,20 @@ impl App {
             bus.clone(),
             draining.clone(),
         )?);
+        let amqp = amqp::Consumer::new(
+            &config.amqp,
+            bus.clone(),
+            config.webhook.max_body_bytes,
+            config.webhook.dedupe_window_secs,
+            &config.hub.events,
+        );
         let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);
         let guard = Arc::new(Guard::new(&config.guard, hub.connected(), hub.sessions())?);
         let health = Arc::new(Health::new(
             config.upstream.base_url(),
             cluster,
+            amqp.clone(),
             draining.clone(),
         )?);
 
@@ -164,6 +175,7 @@ impl App {
             hub,
             bus,
             activity,
+            amqp,
             upstream,
             replay,
             draining,
@@ -225,13 +237,16 @@ impl App {
     ) -> std::io::Result<()> {
         // Every background task belongs to this call: if it is dropped (the app is not
         // served to completion), `tasks` aborts them and the reader guard stops the stream
-        // reader, so nothing outlives the app (Redis connections close with it).
+        // reader, so nothing outlives the app (Redis and AMQP connections close with it).
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(replay::sweep(Arc::downgrade(&self.replay)));
         tasks.spawn(self.hub.revalidate(self.token_ttl));
         tasks.spawn(self.hub.sweep_namespaces());
         tasks.spawn(self.activity.clone().watch());
         let _reader = self.bus.spawn_reader();
+        if let Some(consumer) = &self.amqp {
+            tasks.spawn(consumer.clone().run());
+        }
         // 0: serving; 1: drained, stop accepting; 2: grace over, cut what is left.
         let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
         tasks.spawn(drain(

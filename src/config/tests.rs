@@ -330,3 +330,61 @@ fn values_that_cannot_work_are_refused_not_clamped() {
     )
     .expect("1 s is valid");
 }
+
+#[test]
+fn amqp_settings_from_env_and_file() {
+    let config = load(None, &[], &[]).unwrap();
+    assert!(config.amqp.url.is_none(), "off unless set");
+    assert_eq!(config.amqp.exchange, vec!["evolution_exchange"]);
+    assert_eq!(config.amqp.queue, "evo-realtime");
+    assert_eq!(config.amqp.prefetch, 256);
+
+    let config = load(
+        Some("[amqp]\nexchange = [\"acme\", \"beta\"]\nqueue = \"from-file\"\n"),
+        &[
+            ("SIDECAR_AMQP_URL", "amqp://evo:rabbitpw@rabbit:5672/%2f"),
+            ("SIDECAR_AMQP_EXCHANGE", "acme, beta ,gamma"),
+            ("SIDECAR_AMQP_PREFETCH", "32"),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        config.amqp.exchange,
+        vec!["acme", "beta", "gamma"],
+        "env beats file"
+    );
+    assert_eq!(config.amqp.queue, "from-file");
+    assert_eq!(config.amqp.prefetch, 32);
+    let printed = format!("{config:?}\n{}", config.to_masked_toml());
+    assert!(
+        !printed.contains("rabbitpw"),
+        "the URL is a secret: {printed}"
+    );
+
+    let message = |vars: &[(&str, &str)]| load(None, vars, &[]).unwrap_err().to_string();
+    let text = message(&[("SIDECAR_AMQP_URL", "http://evo:rabbitpw@rabbit")]);
+    assert!(
+        text.starts_with("SIDECAR_AMQP_URL (amqp.url)=\"***\" is not valid")
+            && !text.contains("rabbitpw"),
+        "{text}"
+    );
+    let url = ("SIDECAR_AMQP_URL", "amqp://rabbit");
+    let text = message(&[url, ("SIDECAR_AMQP_PREFETCH", "0")]);
+    assert!(
+        text.starts_with("SIDECAR_AMQP_PREFETCH (amqp.prefetch)="),
+        "{text}"
+    );
+    let text = message(&[url, ("SIDECAR_AMQP_PREFETCH", "70000")]);
+    assert!(text.starts_with("SIDECAR_AMQP_PREFETCH="), "{text}");
+    let text = message(&[url, ("SIDECAR_AMQP_QUEUE", "amq.gen-1")]);
+    assert!(
+        text.starts_with("SIDECAR_AMQP_QUEUE (amqp.queue)="),
+        "{text}"
+    );
+    let text = message(&[url, ("SIDECAR_AMQP_EXCHANGE", " , ")]);
+    assert!(
+        text.starts_with("SIDECAR_AMQP_EXCHANGE (amqp.exchange)="),
+        "{text}"
+    );
+}

@@ -21,7 +21,7 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 
 use crate::auth::Authenticator;
-use crate::envelope::{Envelope, InstanceName};
+use crate::envelope::{self, Envelope, InstanceName};
 use crate::replay;
 use crate::setting;
 use crate::sio_request;
@@ -309,9 +309,9 @@ impl Hub {
     }
 }
 
-/// Whether an event says the instance is gone (Evolution sends either name).
+/// Whether an event says the instance is gone (`envelope::DELETION_EVENTS`).
 pub fn is_deletion(event: &str) -> bool {
-    matches!(event, "instance.delete" | "remove.instance")
+    envelope::is_deletion(event)
 }
 
 /// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).

@@ -49,7 +49,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, header};
 use ipnet::IpNet;
 
-use crate::bus::{Bus, Published};
+use crate::bus::{self, Bus, Published};
 use crate::dedupe;
 use crate::envelope::{self, Envelope};
 use crate::setting;
@@ -319,15 +319,15 @@ async fn accept(
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
 
-/// Runs `publish` as its own task, so a client hanging up cannot cut it between "seen" and
-/// "retained". A task that panics or is cancelled says nothing about retention: only
-/// [`Error::NotRetained`] (503, which Evolution retries) is safe, never a 200.
+/// [`bus::retained`]: publishing runs as its own task, so a client hanging up cannot cut it
+/// between "seen" and "retained"; a task that panics or is cancelled becomes
+/// [`Error::NotRetained`] (503, which Evolution retries), never a 200.
 async fn retained(
     publish: impl Future<Output = Published> + Send + 'static,
 ) -> Result<Published, Error> {
-    tokio::spawn(publish)
+    bus::retained(publish)
         .await
-        .map_err(|err| Error::NotRetained(err.to_string()))
+        .map_err(|err| Error::NotRetained(err.0))
 }
 
 /// Stages 1 to 4, decided from the request head alone.
