@@ -174,7 +174,7 @@ impl Hub {
             for socket in sockets.into_iter().chain(strays) {
                 let token = socket
                     .extensions
-                    .get::<Session>()
+                    .get::<Arc<Session>>()
                     .is_some_and(|session| session.principal != Principal::Global);
                 if token {
                     revoke(&socket, "instance deleted");

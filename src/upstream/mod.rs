@@ -46,11 +46,10 @@ use memo::Memo;
 
 /// The caller of an emit, as the hub's `Session` holds it: its instance (`None` on `/`),
 /// the key it connected with, and its in-flight budget.
-#[derive(Clone)]
 pub struct Caller {
     pub instance: Option<InstanceName>,
     pub key: Secret,
-    pub budget: Arc<Budget>,
+    pub budget: Budget,
 }
 
 impl Caller {
@@ -58,7 +57,7 @@ impl Caller {
         Self {
             instance,
             key,
-            budget: Arc::new(Budget::default()),
+            budget: Budget::default(),
         }
     }
 }
