@@ -103,12 +103,17 @@ impl Hub {
                     .max(CONNECT_TIMEOUT),
             )),
         });
+        let max_emit = usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX);
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
             .max_payload(config.max_emit_bytes)
             .ping_interval(Duration::from_secs(config.ping_interval_secs))
             .ping_timeout(Duration::from_secs(config.ping_timeout_secs))
-            .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
+            .ws_max_message_size(max_emit)
+            // engineioxide 0.17 applies `max_payload` to polling only, and tungstenite reads a
+            // whole frame (up to its own 16 MiB cap) before it checks the message size: the
+            // frame cap is what bounds the bytes one websocket can make us buffer.
+            .ws_max_frame_size(max_emit)
             // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
             .ws_read_buffer_size(WS_READ_BUFFER)
             // A session that joins no namespace within this is closed (socketioxide's
