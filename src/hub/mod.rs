@@ -114,8 +114,9 @@ impl Hub {
             // whole frame (up to its own 16 MiB cap) before it checks the message size: the
             // frame cap is what bounds the bytes one websocket can make us buffer.
             .ws_max_frame_size(max_emit)
-            // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
-            .ws_read_buffer_size(WS_READ_BUFFER)
+            // Client frames are small (pongs, emits); socketioxide's 4 KiB per idle socket
+            // adds up.
+            .ws_read_buffer_size(config.ws_read_buffer)
             // A session that joins no namespace within this is closed (socketioxide's
             // default is 45 s): it bounds what anonymous handshakes can hold.
             .connect_timeout(CONNECT_TIMEOUT)
@@ -313,9 +314,6 @@ impl Hub {
 pub fn is_deletion(event: &str) -> bool {
     matches!(event, "instance.delete" | "remove.instance")
 }
-
-/// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).
-const WS_READ_BUFFER: usize = 1024;
 
 /// How long an Engine.IO session may stay without a namespace before it is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
