@@ -12,10 +12,13 @@
 #   SMOKE=1              the CI smoke run described above
 #   SERVERS="ours peer floor"    which servers to run (the peer is skipped if absent)
 #   SCENARIOS="fanout-500 ..."   which scenarios to run (names below)
-#   DURATION=10          seconds of sending per fanout/emit scenario (scale-10k: 30)
+#   DURATION=10          seconds of sending per fanout/emit scenario (scale-*: 30)
+#   REPEAT=1             runs per scenario and server, servers alternating within a round;
+#                        the table shows medians and, below it, the min-max spread
 #   SERVER_CPU=0 LOADGEN_CPU=1   cores for taskset; PIN=0 turns pinning off
 #   BUILD=0              skip the cargo build
 #   OURS_BIN=path        run another evo-realtime build as "ours" (before/after comparisons)
+#   OURS_ENV="K=V ..."   extra environment for ours (a setting tried against the default)
 #   CARGO_TARGET_DIR=... where cargo builds and the binaries are run from (default: target)
 #   PEER_DIR=...         the Node peer (default: ../shared/peers/node-socketio)
 set -euo pipefail
@@ -30,7 +33,9 @@ FLOOR_PORT=8095
 UPSTREAM=127.0.0.1:8099 # the fake Evolution API that `loadgen emit-rest` serves
 DURATION=${DURATION:-10}
 # fanout-500-recovering runs on ours only (~20 s more), so it stays in the default list.
-ALL_SCENARIOS="fanout-500 fanout-500-recovering fanout-max latency-1k idle-1k idle-5k idle-10k payload-16k scale-10k emit-rest"
+# rate-* with fanout-500 and fanout-max give CPU per delivery against the webhook rate;
+# idle-* the RSS against connections (bench/charts.sh draws both).
+ALL_SCENARIOS="fanout-500 fanout-500-recovering fanout-max latency-1k latency-1k-c1 latency-1k-c16 rate-100 rate-250 rate-1000 rate-1500 idle-1k idle-5k idle-10k idle-25k idle-50k idle-poll-5k idle-poll-10k payload-16k scale-10k scale-50k emit-rest"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   SERVERS=${SERVERS:-ours}
@@ -65,11 +70,16 @@ if [[ " $SERVERS " == *" peer "* ]]; then
 fi
 
 # --- limits and pinning --------------------------------------------------------------------
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-# The sidecar caps open connections at (ulimit -n - 64) / 2 (each may also hold an upstream one).
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 20500 ]; then
-  say "open files limited to $(ulimit -n): scenarios with 10,000 sockets may fail"
-fi
+# 50,000 sockets need 50,000 descriptors in the server and the load generator each (the
+# sidecar twice that: it caps open connections at (ulimit -n - 64) / 2, as each may also
+# hold an upstream one). Raising the hard limit needs CAP_SYS_RESOURCE; without it, the
+# scenarios that do not fit are recorded as skipped with the reason (`fits` below).
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
+fd_limit=$(ulimit -n)
+[ "$fd_limit" = unlimited ] && fd_limit=1048576
+say "open files: $fd_limit"
+uptime >&2
 pin_server=()
 pin_loadgen=()
 if [ "${PIN:-1}" = 1 ]; then
@@ -112,10 +122,11 @@ start_server() {
       url=http://127.0.0.1:$OURS_PORT hook=/_sidecar/webhook
       # Every benchmark client comes from 127.0.0.1: lift the per-IP handshake limit (20/s
       # by default), or most of them get 429, and the per-IP connection cap (256).
+      # shellcheck disable=SC2086 # OURS_ENV is a list of K=V words on purpose
       env AUTHENTICATION_API_KEY=$APIKEY SIDECAR_LISTEN=127.0.0.1:$OURS_PORT \
         SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
         SIDECAR_MAX_TCP_CONNECTIONS_PER_IP=0 \
-        SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 \
+        SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 ${OURS_ENV:-} \
         "${pin_server[@]}" "${OURS_BIN:-$bin_dir/evo-realtime}" >"$log" 2>&1 &
       ;;
     peer)
@@ -143,14 +154,46 @@ scenario_args() {
     fanout-500-recovering) echo "fanout --clients 1000 --instances 10 --rate 500 --conns 4 --duration $DURATION --recovering" ;;
     fanout-max) echo "fanout --clients 1000 --instances 10 --rate 0 --conns 8 --duration $DURATION" ;;
     latency-1k) echo "fanout --clients 100 --instances 1 --rate 1000 --conns 4 --duration $DURATION" ;;
+    # The p99 scenario with webhooks over one keep-alive connection, and over 16.
+    latency-1k-c1) echo "fanout --clients 100 --instances 1 --rate 1000 --conns 1 --duration $DURATION" ;;
+    latency-1k-c16) echo "fanout --clients 100 --instances 1 --rate 1000 --conns 16 --duration $DURATION" ;;
+    # fanout-500 at other rates: CPU per delivery against the webhook rate.
+    rate-*) echo "fanout --clients 1000 --instances 10 --rate ${1#rate-} --conns 4 --duration $DURATION" ;;
     idle-1k) echo "idle --clients 1000 --instances 10" ;;
     idle-5k) echo "idle --clients 5000 --instances 10" ;;
     idle-10k) echo "idle --clients 10000 --instances 10" ;;
+    idle-25k) echo "idle --clients 25000 --instances 10 --source-addrs 2" ;;
+    idle-50k) echo "idle --clients 50000 --instances 10 --source-addrs 4" ;;
+    idle-poll-5k) echo "idle --clients 5000 --instances 10 --transport polling" ;;
+    idle-poll-10k) echo "idle --clients 10000 --instances 10 --transport polling" ;;
     payload-16k) echo "fanout --clients 1000 --instances 10 --rate 200 --payload 16384 --conns 4 --duration $DURATION" ;;
     scale-10k) echo "fanout --clients 10000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20" ;;
+    # 50,000 idle sockets, each getting its instance's webhooks: 100/s over 100 instances.
+    scale-50k) echo "fanout --clients 50000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20 --source-addrs 4" ;;
     emit-rest) echo "emit-rest --clients 10 --instances 1 --duration $DURATION --upstream-listen $UPSTREAM" ;;
     *) return 1 ;;
   esac
+}
+
+# skip SCENARIO SERVER: why this server does not run this scenario (nothing if it does).
+skip() {
+  case $1-$2 in
+    emit-rest-peer | emit-rest-floor) echo "no client emits" ;; # only ours forwards emits
+    fanout-500-recovering-peer | fanout-500-recovering-floor) echo "no recovery" ;;
+    idle-poll-*-floor) echo "websocket only" ;;
+  esac
+}
+
+# fits ARGS SERVER: why the descriptor limit cannot hold the scenario (nothing if it can).
+fits() {
+  local clients need
+  clients=$(sed -n 's/.*--clients \([0-9]*\).*/\1/p' <<<"$1")
+  need=$((clients + 256))
+  # The sidecar admits (limit - 64) / 2 connections (see above).
+  [ "$2" = ours ] && need=$((2 * clients + 64))
+  if [ "$fd_limit" -lt "$need" ]; then
+    echo "descriptor limit $fd_limit < $need needed (raise the hard limit: ulimit -Hn, CAP_SYS_RESOURCE)"
+  fi
 }
 
 failures=0
@@ -159,19 +202,18 @@ for scenario in $SCENARIOS; do
     say "unknown scenario $scenario (known: smoke $ALL_SCENARIOS)"
     exit 64
   fi
+  for round in $(seq "${REPEAT:-1}"); do
   for server in $SERVERS; do
-    if [ "$scenario" = emit-rest ] && [ "$server" != ours ]; then
-      # Only evo-realtime forwards client emits to a REST upstream.
-      echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"skipped\":\"no client emits\"}" >>"$results"
+    reason=$(skip "$scenario" "$server")
+    # ours at exactly its fitted cap still runs: the table shows how many connected.
+    [ -z "$reason" ] && [[ $scenario != *-10k ]] && reason=$(fits "$args" "$server")
+    if [ -n "$reason" ]; then
+      say "== $scenario on $server: skipped ($reason)"
+      echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"skipped\":\"$reason\"}" >>"$results"
       continue
     fi
-    if [ "$scenario" = fanout-500-recovering ] && [ "$server" != ours ]; then
-      # Only evo-realtime has recovery (trailing offsets).
-      echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"skipped\":\"no recovery\"}" >>"$results"
-      continue
-    fi
-    say "== $scenario on $server"
-    log=$out_dir/$scenario-$server
+    say "== $scenario on $server (round $round; load $(cut -d' ' -f1-3 /proc/loadavg))"
+    log=$out_dir/$scenario-$server-$round
     if ! start_server "$server" "$log.server.log"; then
       echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"error\":\"server did not start\"}" >>"$results"
       failures=$((failures + 1))
@@ -196,6 +238,7 @@ for scenario in $SCENARIOS; do
       fi
     fi
     stop_server
+  done
   done
 done
 

@@ -43,6 +43,7 @@ pub const ENV_EVENTS: &str = "SIDECAR_EVENTS";
 pub const ENV_CORS_ORIGIN: &str = "CORS_ORIGIN";
 pub const ENV_SOCKET_BUFFER: &str = "SIDECAR_SOCKET_BUFFER";
 pub const ENV_MAX_EMIT_BYTES: &str = "SIDECAR_MAX_EMIT_BYTES";
+pub const ENV_WS_READ_BUFFER: &str = "SIDECAR_WS_READ_BUFFER";
 pub const ENV_PING_INTERVAL_SECS: &str = "SIDECAR_PING_INTERVAL_SECS";
 pub const ENV_PING_TIMEOUT_SECS: &str = "SIDECAR_PING_TIMEOUT_SECS";
 pub const ENV_WEBHOOK_PATH: &str = "SIDECAR_WEBHOOK_PATH";
@@ -133,6 +134,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     var(ENV_CORS_ORIGIN, "hub.cors_origin"),
     var(ENV_SOCKET_BUFFER, "hub.socket_buffer"),
     var(ENV_MAX_EMIT_BYTES, "hub.max_emit_bytes"),
+    var(ENV_WS_READ_BUFFER, "hub.ws_read_buffer"),
     var(ENV_PING_INTERVAL_SECS, "hub.ping_interval_secs"),
     var(ENV_PING_TIMEOUT_SECS, "hub.ping_timeout_secs"),
     var(

@@ -777,3 +777,114 @@ async fn a_polling_session_sending_refused_connects_is_cut_off() {
         .unwrap();
     assert!(polled.contains("40/acme,{\"sid\""), "{polled}");
 }
+
+/// Opens a websocket by hand and starts one masked text frame that declares `declared`
+/// payload bytes, then sends all but the last of them; returns the bytes the server took
+/// before it closed the connection (all of them when it buffered the frame), and the
+/// connection, kept open so the server keeps what it buffered.
+async fn half_sent_frame(
+    addr: std::net::SocketAddr,
+    declared: usize,
+) -> (usize, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET /socket.io/?EIO=4&transport=websocket&apikey={GLOBAL_KEY} HTTP/1.1\r\n\
+         Host: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut byte = [0u8; 256];
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed during the upgrade");
+        answer.extend_from_slice(&byte[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // FIN + text, masked, 64-bit length, a zero mask.
+    let mut frame = vec![0x81, 0xFF];
+    frame.extend_from_slice(&(declared as u64).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.write_all(&frame).await.unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < declared - 1 {
+        let n = chunk.len().min(declared - 1 - sent);
+        match tokio::time::timeout(PATIENCE, tcp.write_all(&chunk[..n])).await {
+            Ok(Ok(())) => sent += n,
+            // Refused: the server closed the connection (reset, broken pipe) or stopped reading.
+            _ => break,
+        }
+    }
+    (sent, tcp)
+}
+
+/// engineioxide 0.17 does not apply `max_payload` to websocket frames, and tungstenite reads a
+/// whole frame (up to its own 16 MiB default frame cap) before it checks the message size:
+/// a client could make the sidecar buffer 16 MiB per connection whatever
+/// `SIDECAR_MAX_EMIT_BYTES` said. The frame cap is now the emit limit too, so a frame
+/// declaring more is refused at its header. Positive control: with a limit above the frame,
+/// the same half-sent frames are buffered and the RSS shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_frame_over_the_emit_limit_is_refused_before_it_is_buffered() {
+    const CONNECTIONS: usize = 8;
+    const FRAME: usize = 12 << 20;
+    let evolution = FakeEvolution::start().await;
+    let mut grown = Vec::new();
+    for limit in [1 << 20, 16 << 20] {
+        let limit_text = limit.to_string();
+        let sidecar = Sidecar::start(&env(
+            &evolution,
+            &[
+                ("SIDECAR_MAX_EMIT_BYTES", limit_text.as_str()),
+                ("SIDECAR_HANDSHAKE_RATE_PER_IP", "0"),
+            ],
+        ))
+        .await;
+        let before = sidecar.rss_kib();
+        let (mut held, mut connections) = (0, Vec::new());
+        for _ in 0..CONNECTIONS {
+            let (sent, connection) = half_sent_frame(sidecar.addr, FRAME).await;
+            held += sent;
+            connections.push(connection);
+        }
+        // The server reads what was sent in 1 KiB steps: wait until it has.
+        let settled = sidecar.settled_rss_kib(Duration::from_millis(1500)).await;
+        let growth = settled.saturating_sub(before);
+        eprintln!(
+            "emit limit {} MiB: {CONNECTIONS} frames of {} MiB, {:.1} MiB sent, server RSS \
+             {:.1} -> {:.1} MiB (+{:.1} MiB)",
+            limit >> 20,
+            FRAME >> 20,
+            held as f64 / (1 << 20) as f64,
+            mib(before),
+            mib(settled),
+            mib(growth)
+        );
+        grown.push(growth);
+        // The sidecar still serves: a normal client joins and gets an event.
+        let mut socket = joined(&sidecar, "/acme", json!({"apikey": GLOBAL_KEY})).await;
+        delivered(&sidecar, &mut socket, "/acme", "messages.upsert", "acme").await;
+        drop(connections);
+    }
+    let (refused, control) = (grown[0], grown[1]);
+    let frames_kib = (CONNECTIONS * FRAME / 1024) as u64;
+    assert!(
+        control > frames_kib / 2,
+        "positive control: frames under the limit are buffered (+{} MiB)",
+        mib(control)
+    );
+    assert!(
+        refused < 16 * 1024,
+        "frames over the emit limit were buffered: +{} MiB",
+        mib(refused)
+    );
+}

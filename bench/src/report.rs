@@ -96,6 +96,8 @@ const fn metric(label: &'static str, pointer: &'static str, decimals: usize) -> 
 const MIB: f64 = 1.0 / 1024.0;
 
 const FANOUT: &[Metric] = &[
+    metric("connected", "/clients/connected", 0),
+    metric("connect p99 ms", "/connect_ms/p99", 3),
     metric("webhooks accepted/s", "/webhooks/accepted_per_s", 0),
     metric("deliveries/s", "/deliveries/per_s", 0),
     metric("lost deliveries", "/deliveries/lost", 0),
@@ -166,16 +168,26 @@ pub fn table(results: &[Value]) -> String {
         "{:<w$} {:<28} {:>11} {:>11} {:>11} {:>10} {:>10}\n",
         "scenario", "metric", "ours", "peer", "floor", "ours/peer", "ours/floor"
     );
+    // Runs repeated (`REPEAT` in run.sh): the table shows medians, and this their spread.
+    let mut spread = String::new();
     for scenario in scenarios {
-        // The last result of a scenario and server wins.
-        let of = |server: &str| {
+        // Every successful run of a scenario and server; else its last failure or skip.
+        let runs = |server: &str| -> Vec<&Value> {
+            results
+                .iter()
+                .filter(|r| r["scenario"] == scenario && r["server"] == server)
+                .filter(|r| r.get("mode").is_some())
+                .collect()
+        };
+        let last = |server: &str| {
             results
                 .iter()
                 .rev()
                 .find(|r| r["scenario"] == scenario && r["server"] == server)
         };
-        let columns: Vec<Option<&Value>> = SERVERS.iter().map(|server| of(server)).collect();
-        let mode = columns
+        let all_runs: Vec<Vec<&Value>> = SERVERS.iter().map(|server| runs(server)).collect();
+        let columns: Vec<Option<&Value>> = SERVERS.iter().map(|server| last(server)).collect();
+        let mode = all_runs
             .iter()
             .flatten()
             .find_map(|r| r["mode"].as_str())
@@ -194,14 +206,16 @@ pub fn table(results: &[Value]) -> String {
             }
         };
         for metric in metrics {
-            let values: Vec<Option<f64>> = columns
+            let samples: Vec<Vec<f64>> = all_runs
                 .iter()
-                .map(|c| {
-                    c.and_then(|r| r.pointer(metric.pointer))
-                        .and_then(Value::as_f64)
+                .map(|runs| {
+                    runs.iter()
+                        .filter_map(|r| r.pointer(metric.pointer).and_then(Value::as_f64))
                         .map(|v| v * metric.scale)
+                        .collect()
                 })
                 .collect();
+            let values: Vec<Option<f64>> = samples.iter().map(|s| median(s)).collect();
             let shown: Vec<String> = values
                 .iter()
                 .zip(&columns)
@@ -224,13 +238,51 @@ pub fn table(results: &[Value]) -> String {
                 ratio(values[1]),
                 ratio(values[2])
             ));
+            if samples.iter().any(|s| s.len() > 1) {
+                let ranges: Vec<String> =
+                    samples.iter().map(|s| range(s, metric.decimals)).collect();
+                spread.push_str(&format!(
+                    "{:<w$} {:<28} {:>19} {:>19} {:>19}\n",
+                    scenario, metric.label, ranges[0], ranges[1], ranges[2]
+                ));
+            }
         }
     }
     out.push_str(
         "ratios are plain quotients: above 1 means ours is higher \
          (better for rates, worse for latency, CPU and memory)\n",
     );
+    if !spread.is_empty() {
+        out.push_str(&format!(
+            "\nrepeated runs: the table shows medians; their min-max (runs)\n\
+             {:<w$} {:<28} {:>19} {:>19} {:>19}\n{spread}",
+            "scenario", "metric", "ours", "peer", "floor"
+        ));
+    }
     out
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// `min-max (n)`, or the one value, or `-`.
+fn range(values: &[f64], decimals: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match values.len() {
+        0 => "-".to_owned(),
+        1 => format!("{min:.decimals$}"),
+        n => format!("{min:.decimals$}-{max:.decimals$} ({n})"),
+    }
 }
 
 fn cell_state(result: Option<&Value>) -> &'static str {

@@ -7,10 +7,10 @@
 //! `auth` object (recovery: `{"apikey":...,"offset":...}`). No polling transport, no
 //! automatic reconnection, no binary packets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -27,6 +27,10 @@ pub struct Target {
     pub authority: String,
     /// Sent as `?apikey=`; empty means no key.
     pub apikey: String,
+    /// Local addresses client *i* binds to, round-robin (empty: the kernel's choice). The
+    /// kernel has ~28,000 ephemeral ports per (source, destination) pair, so 50,000
+    /// connections to one server need at least two loopback sources.
+    pub sources: Vec<IpAddr>,
 }
 
 impl Target {
@@ -45,7 +49,36 @@ impl Target {
             addr,
             authority,
             apikey: apikey.to_owned(),
+            sources: Vec::new(),
         })
+    }
+
+    /// The local address client `index` binds to, if sources are set.
+    pub fn source(&self, index: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[index % self.sources.len()])
+    }
+
+    /// A TCP connection to the server from `source` (any port), with `TCP_NODELAY`.
+    pub async fn tcp(&self, source: Option<IpAddr>) -> Result<TcpStream, String> {
+        let tcp = match source {
+            None => TcpStream::connect(self.addr).await,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(|err| format!("socket: {err}"))?;
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .map_err(|err| format!("bind {ip}: {err}"))?;
+                socket.connect(self.addr).await
+            }
+        }
+        .map_err(|err| format!("tcp connect: {err}"))?;
+        tcp.set_nodelay(true)
+            .map_err(|err| format!("nodelay: {err}"))?;
+        Ok(tcp)
     }
 
     fn socket_url(&self) -> String {
@@ -81,11 +114,17 @@ pub async fn connect_with_auth(
     namespace: &str,
     auth: Option<&str>,
 ) -> Result<Ws, String> {
-    let tcp = TcpStream::connect(target.addr)
-        .await
-        .map_err(|err| format!("tcp connect: {err}"))?;
-    tcp.set_nodelay(true)
-        .map_err(|err| format!("nodelay: {err}"))?;
+    connect_from(target, None, namespace, auth).await
+}
+
+/// [`connect_with_auth`] from a given local address ([`Target::source`]).
+pub async fn connect_from(
+    target: &Target,
+    source: Option<IpAddr>,
+    namespace: &str,
+    auth: Option<&str>,
+) -> Result<Ws, String> {
+    let tcp = target.tcp(source).await?;
     let (mut ws, _response) = tokio_tungstenite::client_async_with_config(
         target.socket_url(),
         tcp,

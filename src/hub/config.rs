@@ -22,6 +22,10 @@ pub struct Config {
     /// The largest packet a client may send (socketioxide's default of 100 kB is too
     /// small for base64 media); a larger one closes that client's connection.
     pub max_emit_bytes: u64,
+    /// Bytes each websocket reads at a time, allocated per connection for its life: idle
+    /// sockets cost this much each; a larger emit takes more reads (it is still read whole,
+    /// up to `max_emit_bytes`).
+    pub ws_read_buffer: usize,
     /// Engine.IO heartbeat: a client that answers no ping within interval + timeout (a
     /// dead peer, or one that stopped reading) is disconnected. Node's defaults.
     pub ping_interval_secs: u64,
@@ -39,12 +43,17 @@ impl Default for Config {
             cors_origin: vec!["*".to_owned()],
             socket_buffer: 4096,
             max_emit_bytes: 16 * 1024 * 1024,
+            ws_read_buffer: 512,
             ping_interval_secs: 25,
             ping_timeout_secs: 20,
             token_unverified_grace_secs: 300,
         }
     }
 }
+
+/// The smallest websocket read buffer: a frame header (up to 14 bytes) must fit, and below
+/// this a pong already takes several reads.
+pub const MIN_WS_READ_BUFFER: usize = 64;
 
 impl Config {
     pub fn validate(&self) -> Result<(), setting::Error> {
@@ -75,6 +84,13 @@ impl Config {
                 "hub.max_emit_bytes",
                 &self.max_emit_bytes,
                 "must be at least 1024",
+            ));
+        }
+        if self.ws_read_buffer < MIN_WS_READ_BUFFER {
+            return Err(setting::invalid(
+                "hub.ws_read_buffer",
+                &self.ws_read_buffer,
+                format!("must be at least {MIN_WS_READ_BUFFER}"),
             ));
         }
         for origin in &self.cors_origin {

@@ -30,7 +30,7 @@ struct Gone;
 /// Runs until the socket disconnects. `epoch` is the log's current epoch.
 pub(super) async fn run(
     socket: SocketRef,
-    session: Session,
+    session: Arc<Session>,
     log: Arc<NamespaceLog>,
     epoch: String,
 ) {

@@ -93,21 +93,21 @@ async fn admit(
     }
     let options = request.options()?;
     let admitted_at = shared.replay.log(&namespace).head();
-    socket.extensions.insert(Session {
+    socket.extensions.insert(Arc::new(Session {
         principal,
         caller: upstream::Caller::new(instance, key),
-        filter: options.filter.into(),
+        filter: options.filter.into_boxed_slice(),
         resume: options.resume,
         snapshot: options.snapshot,
         admitted_at,
-        gone: Arc::new(tokio::sync::Notify::new()),
-    });
+        gone: tokio::sync::Notify::new(),
+    }));
     Ok(())
 }
 
 /// A socket joined: route its emits upstream, then bring it up to date and subscribe it.
 pub(super) async fn on_connect(socket: SocketRef, io: SocketIo, State(shared): State<Arc<Shared>>) {
-    let Some(session) = socket.extensions.get::<Session>() else {
+    let Some(session) = socket.extensions.get::<Arc<Session>>() else {
         // Unreachable: `authorize` runs first. Refuse rather than serve unauthenticated.
         let _ = socket.disconnect();
         return;
@@ -212,7 +212,7 @@ async fn on_disconnect(
     } else {
         tracing::debug!(sid = %socket.id, ns = socket.ns(), ?reason, "socket disconnected");
     }
-    if let Some(session) = socket.extensions.get::<Session>() {
+    if let Some(session) = socket.extensions.get::<Arc<Session>>() {
         session.gone.notify_one();
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         if !session.resume.opted_in() {
@@ -237,7 +237,7 @@ async fn on_emit(
     ack: AckSender,
     State(shared): State<Arc<Shared>>,
 ) {
-    let Some(session) = socket.extensions.get::<Session>() else {
+    let Some(session) = socket.extensions.get::<Arc<Session>>() else {
         return;
     };
     // No argument at all is allowed for GET routes.

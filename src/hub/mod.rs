@@ -103,14 +103,20 @@ impl Hub {
                     .max(CONNECT_TIMEOUT),
             )),
         });
+        let max_emit = usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX);
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(config.socket_buffer)
             .max_payload(config.max_emit_bytes)
             .ping_interval(Duration::from_secs(config.ping_interval_secs))
             .ping_timeout(Duration::from_secs(config.ping_timeout_secs))
-            .ws_max_message_size(usize::try_from(config.max_emit_bytes).unwrap_or(usize::MAX))
-            // Client frames are small (pongs, emits); 4 KiB per idle socket adds up.
-            .ws_read_buffer_size(WS_READ_BUFFER)
+            .ws_max_message_size(max_emit)
+            // engineioxide 0.17 applies `max_payload` to polling only, and tungstenite reads a
+            // whole frame (up to its own 16 MiB cap) before it checks the message size: the
+            // frame cap is what bounds the bytes one websocket can make us buffer.
+            .ws_max_frame_size(max_emit)
+            // Client frames are small (pongs, emits); socketioxide's 4 KiB per idle socket
+            // adds up.
+            .ws_read_buffer_size(config.ws_read_buffer)
             // A session that joins no namespace within this is closed (socketioxide's
             // default is 45 s): it bounds what anonymous handshakes can hold.
             .connect_timeout(CONNECT_TIMEOUT)
@@ -174,7 +180,7 @@ impl Hub {
             for socket in sockets.into_iter().chain(strays) {
                 let token = socket
                     .extensions
-                    .get::<Session>()
+                    .get::<Arc<Session>>()
                     .is_some_and(|session| session.principal.is_token());
                 if token {
                     revoke(&socket, "instance deleted");
@@ -313,9 +319,6 @@ impl Hub {
 pub fn is_deletion(event: &str) -> bool {
     envelope::is_deletion(event)
 }
-
-/// Engine.IO's websocket read buffer per socket (socketioxide's default is 4 KiB).
-const WS_READ_BUFFER: usize = 1024;
 
 /// How long an Engine.IO session may stay without a namespace before it is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

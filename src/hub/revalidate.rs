@@ -2,6 +2,7 @@
 //! token TTL, bypassing the cache, so a rotated or deleted token goes within one TTL.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socketioxide::extract::SocketRef;
@@ -36,14 +37,14 @@ impl Hub {
                 // comparison below does not depend on how long the lookups took.
                 let now = tick.tick().await.into_std();
                 let strays = hub.shared.rooms.all_strays();
-                let sockets: Vec<(SocketRef, Session)> = hub
+                let sockets: Vec<(SocketRef, Arc<Session>)> = hub
                     .io
                     .nsps()
                     .into_iter()
                     .flat_map(|ns| ns.sockets())
                     .chain(strays)
                     .filter_map(|socket| {
-                        let session = socket.extensions.get::<Session>()?;
+                        let session = socket.extensions.get::<Arc<Session>>()?;
                         session.principal.is_token().then_some((socket, session))
                     })
                     .collect();

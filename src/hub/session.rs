@@ -9,16 +9,19 @@ use crate::upstream;
 
 use super::connect::{MAX_AUTH_BYTES, MAX_FILTER_EVENTS};
 
-/// What a connected socket is: stored in its extensions by the connect middleware.
-#[derive(Clone)]
+/// What a connected socket is: stored in its extensions by the connect middleware, as an
+/// `Arc<Session>`. One allocation per socket: the extension is a pointer (socketioxide boxes
+/// it), a `get` is a reference count instead of a copy of the key and offset, and the
+/// budget, the disconnect signal and an empty filter live inline instead of in allocations
+/// of their own.
 pub struct Session {
     pub principal: Principal,
     /// What `upstream` needs to forward its emits: its instance (`None` on `/`), the key
     /// it connected with (forwarded on its emits, never the global key) and its
     /// in-flight budget.
     pub caller: upstream::Caller,
-    /// UPPER_SNAKE events it wants; empty means all.
-    pub filter: Arc<[String]>,
+    /// UPPER_SNAKE events it wants; empty means all (and allocates nothing).
+    pub filter: Box<[String]>,
     /// Whether the client opted in to recovery. Opted-in sockets get trailing offsets and
     /// are served by `delivery`, not rooms.
     pub resume: Resume,
@@ -29,7 +32,7 @@ pub struct Session {
     /// on join.
     pub admitted_at: u64,
     /// Signalled on disconnect, to stop this socket's delivery task.
-    pub gone: Arc<tokio::sync::Notify>,
+    pub gone: tokio::sync::Notify,
 }
 
 /// What a client asked of recovery with `auth.offset`.

@@ -46,12 +46,11 @@ use memo::Memo;
 
 /// The caller of an emit, as the hub's `Session` holds it: its instance (`None` on `/`),
 /// the key it connected with, and its in-flight budget.
-#[derive(Clone)]
 pub struct Caller {
     pub instance: Option<InstanceName>,
     /// `None` for a client admitted without a key (`WEBSOCKET_ALLOWED_HOSTS`).
     pub key: Option<Secret>,
-    pub budget: Arc<Budget>,
+    pub budget: Budget,
 }
 
 impl Caller {
@@ -59,7 +58,7 @@ impl Caller {
         Self {
             instance,
             key,
-            budget: Arc::new(Budget::default()),
+            budget: Budget::default(),
         }
     }
 }

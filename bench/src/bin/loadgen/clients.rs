@@ -82,7 +82,12 @@ pub async fn connect_clients(
             let begun = now_ns();
             let joined = tokio::time::timeout(
                 Duration::from_secs(30),
-                sio::connect_with_auth(&target, &ns, auth.as_deref().map(String::as_str)),
+                sio::connect_from(
+                    &target,
+                    target.source(index),
+                    &ns,
+                    auth.as_deref().map(String::as_str),
+                ),
             )
             .await;
             drop(permit);

@@ -36,4 +36,25 @@ pub struct Common {
     /// Exit with status 2 if a delivery was lost, a client failed or nothing was accepted.
     #[arg(long)]
     pub strict: bool,
+    /// Spread client connections over this many loopback source addresses (127.0.0.1,
+    /// 127.0.0.2, ...); 1 lets the kernel choose. Each (source, server) pair has ~28,000
+    /// ephemeral ports, so more than that many clients need more sources.
+    #[arg(long, default_value_t = 1)]
+    pub source_addrs: u8,
+}
+
+impl Common {
+    /// The server under test, with the client source addresses of `--source-addrs`.
+    pub fn target(&self) -> Result<evo_bench::sio::Target, String> {
+        let mut target = evo_bench::sio::Target::from_url(&self.url, &self.apikey)?;
+        if self.source_addrs > 1 {
+            if !target.addr.ip().is_loopback() {
+                return Err("--source-addrs needs a loopback server address".into());
+            }
+            target.sources = (1..=self.source_addrs)
+                .map(|n| std::net::IpAddr::from([127, 0, 0, n]))
+                .collect();
+        }
+        Ok(target)
+    }
 }

@@ -14,7 +14,6 @@ use clap::Args;
 use evo_bench::now_ns;
 use evo_bench::procfs::PeakRss;
 use evo_bench::report::{self, Shards};
-use evo_bench::sio::Target;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -67,7 +66,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
     if args.clients == 0 || args.instances == 0 || args.conns == 0 {
         return Err("--clients, --instances and --conns must be positive".into());
     }
-    let target = Target::from_url(&common.url, &common.apikey)?;
+    let target = common.target()?;
     let watch = Watch::new(common.pid)?;
     let rss_before = watch.rss_kib();
     let peak = watch.peak();

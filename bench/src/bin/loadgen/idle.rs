@@ -8,11 +8,11 @@ use std::time::Duration;
 use clap::Args;
 use evo_bench::procfs::PeakRss;
 use evo_bench::report::{self, Shards};
-use evo_bench::sio::Target;
 use serde_json::json;
 
 use crate::clients::{connect_clients, connect_summary, print_connect};
 use crate::common_args::Common;
+use crate::polling::connect_polling_clients;
 use crate::summary::Summary;
 use crate::watch::{Watch, print_server};
 
@@ -29,6 +29,14 @@ pub struct IdleArgs {
     /// Seconds to wait after the last connect before RSS is read.
     #[arg(long, default_value_t = 2.0)]
     settle: f64,
+    /// `websocket`, or `polling`: each client an Engine.IO long-polling session with one
+    /// request always waiting (the floor serves websockets only).
+    #[arg(long, default_value = "websocket", value_parser = ["websocket", "polling"])]
+    transport: String,
+    /// Seconds to keep the connections open after the measurement, announced by a line
+    /// `holding connections` (for a profiler to take its snapshot; bench/heaptrack.sh).
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
 }
 
 pub async fn idle(args: IdleArgs) -> Result<Summary, String> {
@@ -36,24 +44,28 @@ pub async fn idle(args: IdleArgs) -> Result<Summary, String> {
     if args.clients == 0 || args.instances == 0 {
         return Err("--clients and --instances must be positive".into());
     }
-    let target = Target::from_url(&common.url, &common.apikey)?;
+    let target = common.target()?;
     let watch = Watch::new(common.pid)?;
     println!(
-        "idle: {} connections over {} namespaces to {}",
-        args.clients, args.instances, common.url
+        "idle: {} {} connections over {} namespaces to {}",
+        args.clients, args.transport, args.instances, common.url
     );
     let rss_before = watch.rss_kib();
     let peak = watch.peak();
     let cpu_start = watch.cpu();
-    let clients = connect_clients(
-        common,
-        &target,
-        args.clients,
-        args.instances,
-        false,
-        Arc::new(Shards::new(1)),
-    )
-    .await;
+    let clients = if args.transport == "polling" {
+        connect_polling_clients(common, &target, args.clients, args.instances).await
+    } else {
+        connect_clients(
+            common,
+            &target,
+            args.clients,
+            args.instances,
+            false,
+            Arc::new(Shards::new(1)),
+        )
+        .await
+    };
     print_connect(&clients, args.clients);
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let cpu_end = watch.cpu();
@@ -86,12 +98,19 @@ pub async fn idle(args: IdleArgs) -> Result<Summary, String> {
         "server RSS per connection: {} bytes; {gone} connections closed during the settle time",
         per_connection.map_or("?".to_owned(), |b| format!("{b:.0}"))
     );
+    if args.hold > 0.0 {
+        println!("holding connections for {} s", args.hold);
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
     Ok(Summary {
         healthy: clients.failed == 0 && gone == 0,
         json: json!({
             "mode": "idle",
             "config": {"url": common.url, "clients": args.clients, "instances": args.instances,
-                       "settle_s": args.settle},
+                       "settle_s": args.settle, "transport": args.transport,
+                       "source_addrs": common.source_addrs},
             "clients": connect_summary(&clients, args.clients),
             "connect_ms": report::percentiles_ms(&clients.connect_us),
             "disconnected": gone,

@@ -33,6 +33,8 @@
 //! - [`churn`]: a `soak` client that drops its connection and resumes from its last offset.
 //! - [`rss_series`]: the server's RSS over time, and the flatness verdict on it.
 //! - [`http`]: opens a keep-alive HTTP/1.1 client connection.
+//! - [`polling`]: idle Engine.IO sessions on the long-polling transport (`idle --transport
+//!   polling`).
 //! - [`fake_upstream`]: the fake Evolution API that `emit-rest` serves.
 
 mod churn;
@@ -43,6 +45,7 @@ mod fake_upstream;
 mod fanout;
 mod http;
 mod idle;
+mod polling;
 mod rss_series;
 mod soak;
 mod summary;

@@ -13,6 +13,17 @@ pub struct Summary {
     pub healthy: bool,
 }
 
+/// The 1, 5 and 15 minute load averages from `/proc/loadavg`, as `uptime` shows them.
+fn loadavg() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    Some([
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+        fields.next()?.ok()?,
+    ])
+}
+
 /// Prints (and appends) the summary; returns the exit code.
 pub fn finish(common: &Common, outcome: Result<Summary, String>) -> i32 {
     let (mut summary, healthy) = match outcome {
@@ -24,6 +35,8 @@ pub fn finish(common: &Common, outcome: Result<Summary, String>) -> i32 {
     };
     summary["scenario"] = json!(common.scenario);
     summary["server"] = json!(common.server);
+    // The machine may be shared (builds, other benchmarks): every result says how busy it was.
+    summary["loadavg"] = json!(loadavg());
     let line = summary.to_string();
     println!("{line}");
     if let Some(path) = &common.json_out {
