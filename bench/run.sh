@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run with: bench/run.sh   (all scenarios, ours vs peer vs floor, ~15 min on a quiet machine)
-#      or:  SMOKE=1 bench/run.sh   (5-second fanout against evo-realtime only; fails on any loss)
+#      or:  SMOKE=1 bench/run.sh   (5-second fanout against evo-realtime only, and the same
+#                                    through RabbitMQ if rabbitmq-server is installed; fails on
+#                                    any loss)
 #
 # Builds evo-realtime and evo-bench in release mode, then for each scenario starts each server
 # afresh (evo-realtime = ours, the Node socket.io peer = peer, bench's floor server = floor),
@@ -21,25 +23,41 @@
 #   OURS_ENV="K=V ..."   extra environment for ours (a setting tried against the default)
 #   CARGO_TARGET_DIR=... where cargo builds and the binaries are run from (default: target)
 #   PEER_DIR=...         the Node peer (default: ../shared/peers/node-socketio)
+#   AMQP_PORT=5692       the RabbitMQ the amqp-* scenarios start (never the system's 5672);
+#                        it also takes the next two ports (epmd, distribution)
+#   OURS_PORT=8093 PEER_PORT=8091 FLOOR_PORT=8095 UPSTREAM=127.0.0.1:8099   the servers' ports
+#
+# The amqp-* scenarios publish the same bodies to RabbitMQ as Evolution does (topic exchange,
+# routing key = event) instead of POSTing them; evo-realtime consumes them with
+# SIDECAR_AMQP_URL. They run on ours only, against a rabbitmq-server this script starts on its
+# own ports, node name and data directory (in $out_dir), and stops at the end.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 APIKEY=bench-secret
-OURS_PORT=8093
-PEER_PORT=8091
-FLOOR_PORT=8095
-UPSTREAM=127.0.0.1:8099 # the fake Evolution API that `loadgen emit-rest` serves
+# Overridable, so that two runs on one machine (two worktrees) do not meet on a port.
+OURS_PORT=${OURS_PORT:-8093}
+PEER_PORT=${PEER_PORT:-8091}
+FLOOR_PORT=${FLOOR_PORT:-8095}
+UPSTREAM=${UPSTREAM:-127.0.0.1:8099} # the fake Evolution API that `loadgen emit-rest` serves
 DURATION=${DURATION:-10}
 # fanout-500-recovering runs on ours only (~20 s more), so it stays in the default list.
 # rate-* with fanout-500 and fanout-max give CPU per delivery against the webhook rate;
 # idle-* the RSS against connections (bench/charts.sh draws both).
-ALL_SCENARIOS="fanout-500 fanout-500-recovering fanout-max latency-1k latency-1k-c1 latency-1k-c16 rate-100 rate-250 rate-1000 rate-1500 idle-1k idle-5k idle-10k idle-25k idle-50k idle-poll-5k idle-poll-10k payload-16k scale-10k scale-50k emit-rest"
+ALL_SCENARIOS="fanout-500 amqp-500 fanout-500-recovering fanout-max amqp-max latency-1k latency-1k-c1 latency-1k-c16 rate-100 rate-250 rate-1000 rate-1500 idle-1k idle-5k idle-10k idle-25k idle-50k idle-poll-5k idle-poll-10k payload-16k scale-10k scale-50k emit-rest"
+AMQP_PORT=${AMQP_PORT:-5692}
+AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+rabbitmq_server=/usr/lib/rabbitmq/bin/rabbitmq-server
 
 if [ "${SMOKE:-0}" = 1 ]; then
   SERVERS=${SERVERS:-ours}
-  SCENARIOS=${SCENARIOS:-smoke}
+  if [ -x "$rabbitmq_server" ]; then
+    SCENARIOS=${SCENARIOS:-smoke amqp-smoke}
+  else
+    SCENARIOS=${SCENARIOS:-smoke}
+  fi
   PIN=${PIN:-0}
 else
   SERVERS=${SERVERS:-ours peer floor}
@@ -112,7 +130,45 @@ stop_server() {
   wait "$server_pid" 2>/dev/null || true
   server_pid=
 }
-trap stop_server EXIT
+
+# --- the broker of the amqp-* scenarios ------------------------------------------------------
+broker_pgid=
+stop_broker() {
+  [ -n "$broker_pgid" ] || return 0
+  kill -KILL -- "-$broker_pgid" 2>/dev/null || true
+  broker_pgid=
+}
+# start_broker: a rabbitmq-server of its own (ports, node name, epmd, cookie, data in
+# $out_dir/rabbitmq), in a process group of its own so that stop_broker takes all of it.
+start_broker() {
+  [ -z "$broker_pgid" ] || return 0
+  if [ ! -x "$rabbitmq_server" ]; then
+    say "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+    return 1
+  fi
+  local dir=$root/$out_dir/rabbitmq
+  mkdir -p "$dir/mnesia" "$dir/log" "$dir/home"
+  echo '[].' >"$dir/enabled_plugins"
+  : >"$dir/rabbitmq.conf"
+  : >"$dir/env.conf"
+  printf 'evobench%s' "$AMQP_PORT" >"$dir/home/.erlang.cookie"
+  chmod 400 "$dir/home/.erlang.cookie"
+  local epmd_port=$((AMQP_PORT + 1)) dist_port=$((AMQP_PORT + 2))
+  local started=$(date +%s.%N)
+  setsid env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME="$dir/home" LANG=C.UTF-8 \
+    ERL_EPMD_PORT=$epmd_port RABBITMQ_NODENAME="evo-bench-$AMQP_PORT@localhost" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$AMQP_PORT RABBITMQ_DIST_PORT=$dist_port \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+    RABBITMQ_CONF_ENV_FILE="$dir/env.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    RABBITMQ_PID_FILE="$dir/pid" \
+    sh -c "epmd -port $epmd_port & exec $rabbitmq_server" >"$dir/server.log" 2>&1 &
+  broker_pgid=$!
+  # The AMQP listener opens last, once the broker is ready.
+  "$loadgen" wait --url "http://127.0.0.1:$AMQP_PORT" --pid "$broker_pgid" --timeout 120
+  say "rabbitmq-server on port $AMQP_PORT started in $(echo "$(date +%s.%N) - $started" | bc) s"
+}
+trap 'stop_server; stop_broker' EXIT
 
 # start_server NAME LOG: starts it in the background; sets server_pid, url, hook.
 start_server() {
@@ -126,7 +182,7 @@ start_server() {
       env AUTHENTICATION_API_KEY=$APIKEY SIDECAR_LISTEN=127.0.0.1:$OURS_PORT \
         SIDECAR_UPSTREAM_URL=http://$UPSTREAM SIDECAR_HANDSHAKE_RATE_PER_IP=0 \
         SIDECAR_MAX_TCP_CONNECTIONS_PER_IP=0 \
-        SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 ${OURS_ENV:-} \
+        SIDECAR_SHUTDOWN_GRACE_SECS=2 NO_COLOR=1 ${OURS_ENV:-} "${amqp_env[@]}" \
         "${pin_server[@]}" "${OURS_BIN:-$bin_dir/evo-realtime}" >"$log" 2>&1 &
       ;;
     peer)
@@ -149,6 +205,10 @@ start_server() {
 scenario_args() {
   case $1 in
     smoke) echo "fanout --clients 50 --instances 2 --rate 200 --conns 2 --duration 5 --drain 5 --strict" ;;
+    amqp-smoke) echo "fanout --clients 50 --instances 2 --rate 200 --conns 2 --duration 5 --drain 5 --strict --amqp-url $AMQP_URL" ;;
+    # The webhook scenarios above, with the same bodies published to RabbitMQ instead.
+    amqp-500) echo "fanout --clients 1000 --instances 10 --rate 500 --conns 4 --duration $DURATION --amqp-url $AMQP_URL" ;;
+    amqp-max) echo "fanout --clients 1000 --instances 10 --rate 0 --conns 8 --duration $DURATION --amqp-url $AMQP_URL" ;;
     fanout-500) echo "fanout --clients 1000 --instances 10 --rate 500 --conns 4 --duration $DURATION" ;;
     # Clients opt in to recovery: evo-realtime then encodes each event once per socket.
     fanout-500-recovering) echo "fanout --clients 1000 --instances 10 --rate 500 --conns 4 --duration $DURATION --recovering" ;;
@@ -181,6 +241,7 @@ skip() {
     emit-rest-peer | emit-rest-floor) echo "no client emits" ;; # only ours forwards emits
     fanout-500-recovering-peer | fanout-500-recovering-floor) echo "no recovery" ;;
     idle-poll-*-floor) echo "websocket only" ;;
+    amqp-*-peer | amqp-*-floor) echo "no amqp ingest" ;; # only ours consumes RabbitMQ
   esac
 }
 
@@ -211,6 +272,15 @@ for scenario in $SCENARIOS; do
       say "== $scenario on $server: skipped ($reason)"
       echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"skipped\":\"$reason\"}" >>"$results"
       continue
+    fi
+    amqp_env=()
+    if [[ $scenario == amqp-* ]]; then
+      if ! start_broker; then
+        echo "{\"scenario\":\"$scenario\",\"server\":\"$server\",\"error\":\"no broker\"}" >>"$results"
+        failures=$((failures + 1))
+        continue
+      fi
+      amqp_env=(SIDECAR_AMQP_URL="$AMQP_URL")
     fi
     say "== $scenario on $server (round $round; load $(cut -d' ' -f1-3 /proc/loadavg))"
     log=$out_dir/$scenario-$server-$round

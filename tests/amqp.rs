@@ -537,3 +537,48 @@ async fn a_dropped_app_takes_its_amqp_consumer_with_it() {
     })
     .await;
 }
+
+/// On shutdown the consumer stops taking messages and detaches while the app still drains
+/// (readyz answers 503 "draining"), so the broker keeps what is left for another replica or
+/// the next start, as Evolution retries webhooks refused with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_app_detaches_its_consumer_and_leaves_messages_queued() {
+    let broker = shared_broker().await;
+    let evolution = FakeEvolution::start().await;
+    let (exchange, queue) = ("evolution_exchange_drain", "evo-realtime-drain");
+    let mut config = with_amqp(test_config(&evolution.url()), broker, exchange, queue);
+    config.shutdown_grace_secs = 5;
+    let app = spawn_app(config).await;
+    let base = app.url("");
+    wait_amqp_up(&base).await;
+    let publisher = broker.publisher().await;
+    publisher.declare_exchange(exchange).await;
+    let declared = async || {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        publisher
+            .channel()
+            .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+            .await
+            .unwrap()
+    };
+    assert_eq!(declared().await.consumer_count(), 1);
+
+    let stopped = tokio::spawn(app.stop());
+    eventually("the consumer detaches while the app drains", async || {
+        let draining = readyz(&base).await.1["status"] == "draining";
+        draining && declared().await.consumer_count() == 0
+    })
+    .await;
+    let body = amqp_body(&event_body("messages.upsert", "acme", 1));
+    publisher
+        .publish(exchange, "messages.upsert", body.as_bytes())
+        .await;
+    eventually("the message stays queued", async || {
+        declared().await.message_count() == 1
+    })
+    .await;
+    stopped.await.unwrap();
+}

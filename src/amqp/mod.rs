@@ -21,6 +21,10 @@
 //! backoff and jitter; meanwhile readyz says `"amqp":"degraded"` (never not ready: the
 //! webhook path still works) and `evo_amqp_up` is 0.
 //!
+//! Shutting down (the app's draining flag, set on SIGTERM): the consumer stops taking
+//! messages and closes its connection, so the broker requeues what was prefetched but not
+//! acked, for another replica or the next start, as webhooks answer 503 for Evolution to retry.
+//!
 //! This module knows nothing of sockets or HTTP: it imports neither `hub` nor `webhook`.
 
 use std::sync::Arc;
@@ -53,6 +57,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The pause before a message whose publish failed (a panic) is offered again.
 const NOT_RETAINED_PAUSE: Duration = Duration::from_secs(1);
+/// How often an idle consumer looks at the draining flag.
+const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
 /// Why a session with the broker ended. Every one leads to a reconnect.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,8 @@ pub enum Error {
     Timeout(&'static str),
     #[error("amqp: the broker cancelled the consumer")]
     Cancelled,
+    #[error("amqp: shutting down")]
+    Draining,
 }
 
 /// What became of one message; the `outcome` label of `evo_amqp_messages_total`.
@@ -112,6 +120,8 @@ pub struct Consumer {
     routing_keys: Vec<String>,
     /// Whether a consumer is running on the broker right now (readyz, `evo_amqp_up`).
     up: AtomicBool,
+    /// The app's shutdown flag: once set, no message is taken any more.
+    draining: Arc<AtomicBool>,
 }
 
 impl Consumer {
@@ -123,6 +133,7 @@ impl Consumer {
         max_body_bytes: u64,
         dedupe_window_secs: u64,
         events: &[String],
+        draining: Arc<AtomicBool>,
     ) -> Option<Arc<Self>> {
         let url = config.url.as_ref()?.expose().to_owned();
         telemetry::meters().amqp_up.set(0.0);
@@ -134,7 +145,12 @@ impl Consumer {
             dedupe: dedupe_window_secs > 0,
             routing_keys: routing_keys(events),
             up: AtomicBool::new(false),
+            draining,
         }))
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Whether the consumer is attached to the broker.
@@ -159,6 +175,13 @@ impl Consumer {
             let err = self.session(&mut backoff).await;
             let was_up = self.is_up();
             self.set_up(false);
+            if self.is_draining() {
+                tracing::info!(
+                    "amqp consumer stopped for shutdown: unacked messages go back to the queue"
+                );
+                // The task ends with the app.
+                return std::future::pending().await;
+            }
             let pause = backoff.next_pause();
             let failure = err.to_string();
             if was_up || failure != last_failure {
@@ -266,11 +289,29 @@ impl Consumer {
             prefetch = self.config.prefetch,
             "amqp consumer attached"
         );
-        // One at a time: publish, then ack, then the next, so the queue's order holds.
-        while let Some(delivery) = deliveries.next().await {
-            self.handle(delivery?).await?;
+        // One at a time: publish, then ack, then the next, so the queue's order holds. The
+        // draining flag is looked at between messages and while idle; closing the
+        // connection then hands unacked messages back to the broker.
+        let mut drain_check = tokio::time::interval(DRAIN_CHECK);
+        loop {
+            let delivery = tokio::select! {
+                delivery = deliveries.next() => delivery,
+                _ = drain_check.tick() => {
+                    if self.is_draining() {
+                        return Err(Error::Draining);
+                    }
+                    continue;
+                }
+            };
+            let Some(delivery) = delivery else {
+                return Err(Error::Cancelled);
+            };
+            let delivery = delivery?;
+            if self.is_draining() {
+                return Err(Error::Draining);
+            }
+            self.handle(delivery).await?;
         }
-        Err(Error::Cancelled)
     }
 
     /// One message: judged, published through the bus like a webhook, then settled. An

@@ -102,6 +102,7 @@ impl App {
             config.webhook.max_body_bytes,
             config.webhook.dedupe_window_secs,
             &config.hub.events,
+            draining.clone(),
         );
         let trusted = TrustedProxies::parse(&config.guard.trusted_proxies)?;
         let proxy = Arc::new(Proxy::new(&config.upstream, trusted.clone())?);

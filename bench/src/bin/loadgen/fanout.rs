@@ -17,6 +17,7 @@ use evo_bench::report::{self, Shards};
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::amqp::publish_amqp;
 use crate::clients::{ClientStat, connect_clients, connect_summary, print_connect};
 use crate::common_args::Common;
 use crate::summary::Summary;
@@ -59,6 +60,14 @@ pub struct FanoutArgs {
     /// must then carry a trailing offset.
     #[arg(long)]
     recovering: bool,
+    /// Publish to RabbitMQ (`amqp://...`) as Evolution does instead of POSTing webhooks: the
+    /// server must consume the exchange (evo-realtime: `SIDECAR_AMQP_URL`). `--conns`
+    /// connections, each waiting for the broker's confirm of every message.
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// The topic exchange to publish to (routing key = `--event`).
+    #[arg(long, default_value = "evolution_exchange")]
+    amqp_exchange: String,
 }
 
 pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
@@ -71,6 +80,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
     let rss_before = watch.rss_kib();
     let peak = watch.peak();
 
+    let ingest = match &args.amqp_url {
+        Some(_) => format!(" (via RabbitMQ exchange {})", args.amqp_exchange),
+        None => args.webhook_path.clone(),
+    };
     println!(
         "fanout: {} {}clients over {} namespaces, {} webhooks/s on {} connections for {} s, ~{} B bodies, {}{}",
         args.clients,
@@ -85,7 +98,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
         args.duration,
         args.payload,
         common.url,
-        args.webhook_path
+        ingest
     );
     let latency = Arc::new(Shards::new(64));
     let clients = connect_clients(
@@ -137,7 +150,14 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
     plan.end = plan.start + Duration::from_secs_f64(args.duration);
     let plan = Arc::new(plan);
     let senders: Vec<_> = (0..args.conns)
-        .map(|_| tokio::spawn(post_webhooks(plan.clone(), target.addr)))
+        .map(|_| match &args.amqp_url {
+            Some(url) => tokio::spawn(publish_amqp(
+                plan.clone(),
+                url.clone(),
+                args.amqp_exchange.clone(),
+            )),
+            None => tokio::spawn(post_webhooks(plan.clone(), target.addr)),
+        })
         .collect();
     for sender in senders {
         let _ = sender.await;
@@ -273,6 +293,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Summary, String> {
                 "instances": args.instances, "rate": args.rate, "conns": args.conns,
                 "duration_s": args.duration, "payload_bytes": body_bytes, "drain_s": args.drain,
                 "recovering": args.recovering,
+                "ingest": if args.amqp_url.is_some() { "amqp" } else { "webhook" },
             },
             "clients": connect_summary(&clients, args.clients),
             "connect_ms": report::percentiles_ms(&clients.connect_us),

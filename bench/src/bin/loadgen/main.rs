@@ -7,7 +7,8 @@
 //! - `fanout`: C clients over I namespaces `/bench-<n>`; webhooks POSTed on K keep-alive
 //!   HTTP/1.1 connections at a fixed rate or as fast as they go, for D seconds; each body
 //!   carries `data.seq` and `data.sent_ns`. Reports webhooks accepted/s, deliveries/s, lost
-//!   deliveries after a drain wait, end-to-end latency (POST sent → event received).
+//!   deliveries after a drain wait, end-to-end latency (POST sent → event received). With
+//!   `--amqp-url`, the same bodies are published to RabbitMQ as Evolution does instead.
 //! - `idle`: C idle connections; server RSS per connection and connect-time percentiles.
 //! - `soak`: C clients opted in to recovery, each dropping its connection every few seconds
 //!   and resuming from its last offset, webhooks at a fixed rate for D seconds, the server's
@@ -30,6 +31,7 @@
 //! - [`clients`]: connects the socket.io clients of a run and counts what each receives.
 //! - [`watch`]: CPU time and RSS of the server under test and of this process.
 //! - [`webhooks`]: the webhook sender of `fanout` and `soak` (schedule, bodies, answers).
+//! - [`amqp`]: the RabbitMQ publisher of `fanout --amqp-url` (same schedule and bodies).
 //! - [`churn`]: a `soak` client that drops its connection and resumes from its last offset.
 //! - [`rss_series`]: the server's RSS over time, and the flatness verdict on it.
 //! - [`http`]: opens a keep-alive HTTP/1.1 client connection.
@@ -37,6 +39,7 @@
 //!   polling`).
 //! - [`fake_upstream`]: the fake Evolution API that `emit-rest` serves.
 
+mod amqp;
 mod churn;
 mod clients;
 mod common_args;

@@ -69,7 +69,7 @@ impl Plan {
         )
     }
 
-    fn note_error(&self, err: String) {
+    pub fn note_error(&self, err: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
         first.get_or_insert(err);
