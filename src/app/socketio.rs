@@ -199,6 +199,9 @@ mod tests {
                 .is_none()
         );
         assert!(request.extensions().get::<Arc<EngineSession>>().is_some());
-        assert_eq!(request.extensions().get::<peer::ClientAddr>(), Some(&client));
+        assert_eq!(
+            request.extensions().get::<peer::ClientAddr>(),
+            Some(&client)
+        );
     }
 }
