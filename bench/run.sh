@@ -46,7 +46,7 @@ DURATION=${DURATION:-10}
 # fanout-500-recovering runs on ours only (~20 s more), so it stays in the default list.
 # rate-* with fanout-500 and fanout-max give CPU per delivery against the webhook rate;
 # idle-* the RSS against connections (bench/charts.sh draws both).
-ALL_SCENARIOS="fanout-500 amqp-500 fanout-500-recovering fanout-max amqp-max latency-1k latency-1k-c1 latency-1k-c16 rate-100 rate-250 rate-1000 rate-1500 idle-1k idle-5k idle-10k idle-25k idle-50k idle-poll-5k idle-poll-10k payload-16k scale-10k scale-50k emit-rest"
+ALL_SCENARIOS="fanout-500 amqp-500 fanout-500-recovering fanout-max amqp-max latency-1k latency-1k-c1 latency-1k-c16 rate-100 rate-250 rate-1000 rate-1500 idle-1k idle-5k idle-10k idle-25k idle-50k idle-poll-5k idle-poll-10k payload-16k scale-9k scale-10k scale-50k emit-rest"
 AMQP_PORT=${AMQP_PORT:-5692}
 AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 rabbitmq_server=/usr/lib/rabbitmq/bin/rabbitmq-server
@@ -228,6 +228,9 @@ scenario_args() {
     idle-poll-10k) echo "idle --clients 10000 --instances 10 --transport polling" ;;
     payload-16k) echo "fanout --clients 1000 --instances 10 --rate 200 --payload 16384 --conns 4 --duration $DURATION" ;;
     scale-10k) echo "fanout --clients 10000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20" ;;
+    # What fits evo-realtime's connection cap under a 20,000-descriptor limit ((20,000 - 64) / 2,
+    # webhook connections included).
+    scale-9k) echo "fanout --clients 9000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20" ;;
     # 50,000 idle sockets, each getting its instance's webhooks: 100/s over 100 instances.
     scale-50k) echo "fanout --clients 50000 --instances 100 --rate 100 --conns 4 --duration 30 --drain 20 --source-addrs 4" ;;
     emit-rest) echo "emit-rest --clients 10 --instances 1 --duration $DURATION --upstream-listen $UPSTREAM" ;;

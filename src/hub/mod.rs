@@ -228,18 +228,35 @@ impl Hub {
         }
         // A young namespace may have been replaced inside socketioxide since its sockets
         // joined: those it no longer reaches become strays before this broadcast.
-        let (audience, young) = self.shared.rooms.audience(namespace, upper);
-        for orphan in self.shared.rooms.orphans_among(namespace, young, &self.io) {
+        let found = self.shared.rooms.audience(namespace, upper);
+        for orphan in self
+            .shared
+            .rooms
+            .orphans_among(namespace, found.young, &self.io)
+        {
             handlers::adopt_orphan(&self.shared, &orphan);
         }
+        let audience = found.all + found.filtered;
         if audience == 0 {
             return;
         }
+        // Only the rooms someone is in: with one room (the usual case: no socket filtered
+        // for this event) socketioxide walks it without building a set of socket ids to
+        // dedupe two rooms, which costs a SipHash and an insert per socket (instructions
+        // per delivery in BENCHMARKS.md, issue 17).
+        let targets: Vec<&String> = match (found.all > 0, found.filtered > 0) {
+            (true, false) => vec![&rooms[0]],
+            (false, true) => vec![&rooms[1]],
+            _ => rooms.iter().collect(),
+        };
         let event = envelope.event.as_str();
         let payload: &serde_json::value::RawValue = &envelope.payload;
         let mut dropped = 0;
         if let Some(operators) = self.io.of(namespace)
-            && let Err(err) = operators.to(rooms.clone()).emit(event, payload).await
+            && let Err(err) = operators
+                .to(targets.into_iter().cloned().collect::<Vec<String>>())
+                .emit(event, payload)
+                .await
         {
             dropped = match &err {
                 BroadcastError::Socket(failures) => failures.len(),

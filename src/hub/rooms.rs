@@ -53,6 +53,16 @@ impl Default for RoomCounts {
     }
 }
 
+/// The sockets an event reaches through rooms, and the young ones to check for orphans.
+#[derive(Default)]
+pub(super) struct Audience {
+    /// Sockets in [`ALL_ROOM`].
+    pub all: usize,
+    /// Sockets in the event's own room (they asked for it by name).
+    pub filtered: usize,
+    pub young: Vec<SocketRef>,
+}
+
 /// How long after its first socket a namespace may still be replaced inside socketioxide:
 /// only by a creation already in flight then, which ends within milliseconds.
 const YOUTH: Duration = Duration::from_secs(5);
@@ -103,17 +113,20 @@ impl Rooms {
         }
     }
 
-    /// How many sockets of `namespace` get an event (UPPER_SNAKE) through rooms.
+    /// Who in `namespace` gets an event (UPPER_SNAKE) through rooms.
     ///
     /// With it, in the same lock (the per-event path takes it once), the sockets of the
     /// namespace while it is young, for [`Rooms::orphans_among`]; empty, and allocated for
     /// nothing, once it is older than [`YOUTH`].
-    pub(super) fn audience(&self, namespace: &str, upper_snake: &str) -> (usize, Vec<SocketRef>) {
+    pub(super) fn audience(&self, namespace: &str, upper_snake: &str) -> Audience {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        members.get(namespace).map_or((0, Vec::new()), |counts| {
-            let audience = counts.all + counts.by_event.get(upper_snake).copied().unwrap_or(0);
-            (audience, young(counts))
-        })
+        members
+            .get(namespace)
+            .map_or_else(Audience::default, |counts| Audience {
+                all: counts.all,
+                filtered: counts.by_event.get(upper_snake).copied().unwrap_or(0),
+                young: young(counts),
+            })
     }
 
     /// The sockets of a young namespace that socketioxide no longer reaches through the
