@@ -742,15 +742,25 @@ async fn a_polling_session_sending_refused_connects_is_cut_off() {
             cut_off_after = Some((i, sent.as_u16()));
             break;
         }
-        let polled = http().get(&session).send().await.unwrap();
-        let status = polled.status().as_u16();
-        let text = polled.text().await.unwrap();
+        // The refusal is the next packet for this session, unless a heartbeat ping ("2")
+        // got there first (a loaded machine can take that long): then it is in a later poll.
+        let mut status = 200;
+        for _ in 0..3 {
+            let polled = http().get(&session).send().await.unwrap();
+            status = polled.status().as_u16();
+            let text = polled.text().await.unwrap();
+            if status != 200 {
+                break;
+            }
+            if text.contains(&format!("44/p{i},")) {
+                answered += 1;
+                break;
+            }
+            eprintln!("poll after CONNECT {i} returned {text:?}; polling again");
+        }
         if status != 200 {
             cut_off_after = Some((i, status));
             break;
-        }
-        if text.contains(&format!("44/p{i},")) {
-            answered += 1;
         }
     }
     eprintln!("row 2 (polling): {answered} refusals answered, then cut off at {cut_off_after:?}");
