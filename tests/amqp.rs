@@ -37,23 +37,6 @@ async fn readyz(base: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// A metric line's value (exact series, labels included) at `base`.
-async fn metric_at(base: &str, series: &str) -> f64 {
-    let body = http()
-        .get(format!("{base}/_sidecar/metrics"))
-        .bearer_auth(GLOBAL_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .filter(|line| line.starts_with(series))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn wait_amqp_up(base: &str) {
     eventually("the amqp consumer is attached", async || {
         readyz(base).await.1["amqp"] == "up"

@@ -98,8 +98,14 @@ pub fn http() -> reqwest::Client {
 
 /// A metric's value in `/_sidecar/metrics` (summed over its label sets).
 pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    metric_at(&app.url(""), name).await
+}
+
+/// A metric's value (summed over the series that start with `name`, so a name with its
+/// labels picks one series) in the metrics of the server at `base` (`http://host:port`).
+pub async fn metric_at(base: &str, name: &str) -> f64 {
     let body = http()
-        .get(app.url("/_sidecar/metrics"))
+        .get(format!("{base}/_sidecar/metrics"))
         .bearer_auth(GLOBAL_KEY)
         .send()
         .await
