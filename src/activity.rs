@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{Envelope, InstanceName};
+use crate::envelope::{Envelope, EventName, InstanceName};
 use crate::license;
 use crate::setting::{self, Secret};
 use crate::telemetry::names;
@@ -73,7 +73,7 @@ impl ConnectionState {
 struct Record {
     last_at: Instant,
     last_wall: SystemTime,
-    last_event: String,
+    last_event: EventName,
     /// (bucket number since [`Activity::epoch`], events in it).
     buckets: [(u64, u32); BUCKETS],
     state: Option<ConnectionState>,
@@ -189,16 +189,15 @@ impl Activity {
                 .or_insert_with(|| Record {
                     last_at: now,
                     last_wall: SystemTime::now(),
-                    last_event: String::new(),
+                    last_event: envelope.event.clone(),
                     buckets: [(0, 0); BUCKETS],
                     state: None,
                     silent_since: None,
                 });
             record.last_at = now;
             record.last_wall = SystemTime::now();
-            if record.last_event != envelope.event.as_str() {
-                record.last_event = envelope.event.as_str().to_owned();
-            }
+            // An `EventName` clone is a reference count, not a copy of the name.
+            record.last_event = envelope.event.clone();
             let slot = &mut record.buckets[(bucket % BUCKETS as u64) as usize];
             if slot.0 != bucket {
                 *slot = (bucket, 0);
@@ -255,7 +254,7 @@ impl Activity {
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |since| since.as_millis() as u64),
                         last_event_secs_ago: now.duration_since(record.last_at).as_secs(),
-                        last_event: record.last_event.clone(),
+                        last_event: record.last_event.as_str().to_owned(),
                         events_per_minute: per_minute,
                         state: record.state,
                         silent: record.silent_since.is_some(),
@@ -297,7 +296,7 @@ impl Activity {
     /// Marks and reports the instances that just fell silent.
     async fn check(&self, after: Duration) {
         let now = Instant::now();
-        let fallen: Vec<(InstanceName, Duration, String)> = {
+        let fallen: Vec<(InstanceName, Duration, EventName)> = {
             let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
             records
                 .iter_mut()

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 use super::Error;
 use crate::envelope::Envelope;
@@ -33,31 +33,27 @@ const LOGGED_BYTES: usize = 64;
 /// The 2.4 delivery headers, as sent (each optional and independent).
 #[derive(Debug, Default)]
 pub struct DeliveryHeaders {
-    instance_id: Option<String>,
-    instance_name: Option<Vec<u8>>,
-    event_type: Option<Vec<u8>>,
+    // Kept as sent (a `HeaderValue` clone shares the request's bytes): read for the checks,
+    // and made printable only for a debug line that is on.
+    instance_id: Option<HeaderValue>,
+    instance_name: Option<HeaderValue>,
+    event_type: Option<HeaderValue>,
     sent_at_ms: Option<u64>,
-    agent_version: Option<String>,
+    user_agent: Option<HeaderValue>,
 }
 
 impl DeliveryHeaders {
     pub fn read(headers: &HeaderMap) -> Self {
-        let bytes = |name: &str| headers.get(name).map(|v| v.as_bytes().to_vec());
-        let logged = |name: &str| headers.get(name).map(|v| printable(v.as_bytes()));
         Self {
-            instance_id: logged(INSTANCE_ID),
-            instance_name: bytes(INSTANCE_NAME),
-            event_type: bytes(EVENT_TYPE),
+            instance_id: headers.get(INSTANCE_ID).cloned(),
+            instance_name: headers.get(INSTANCE_NAME).cloned(),
+            event_type: headers.get(EVENT_TYPE).cloned(),
             // Anything but a plain number is not Evolution's: ignored, like an absent one.
             sent_at_ms: headers
                 .get(TIMESTAMP)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse().ok()),
-            agent_version: headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix(AGENT_PREFIX))
-                .map(|version| printable(version.as_bytes())),
+            user_agent: headers.get(http::header::USER_AGENT).cloned(),
         }
     }
 
@@ -68,7 +64,7 @@ impl DeliveryHeaders {
             sent: printable(sent),
             body: body.to_owned(),
         };
-        if let Some(sent) = &self.instance_name
+        if let Some(sent) = self.instance_name.as_ref().map(HeaderValue::as_bytes)
             && !same_text(sent, envelope.instance.as_str())
         {
             return Err(contradiction(
@@ -77,7 +73,7 @@ impl DeliveryHeaders {
                 envelope.instance.as_str(),
             ));
         }
-        if let Some(sent) = &self.event_type
+        if let Some(sent) = self.event_type.as_ref().map(HeaderValue::as_bytes)
             && !same_text(sent, envelope.event.as_str())
         {
             return Err(contradiction("X-Event-Type", sent, envelope.event.as_str()));
@@ -92,12 +88,17 @@ impl DeliveryHeaders {
         Some(now.duration_since(sent).unwrap_or(Duration::ZERO))
     }
 
-    pub fn instance_id(&self) -> Option<&str> {
-        self.instance_id.as_deref()
+    /// `X-Instance-ID`, fit for a log line.
+    pub fn instance_id(&self) -> Option<String> {
+        self.instance_id.as_ref().map(|v| printable(v.as_bytes()))
     }
 
-    pub fn agent_version(&self) -> Option<&str> {
-        self.agent_version.as_deref()
+    /// Evolution's version from `User-Agent: EvolutionAPI-Webhook/<version>`, if it is one.
+    pub fn agent_version(&self) -> Option<String> {
+        let agent = self.user_agent.as_ref()?.to_str().ok()?;
+        agent
+            .strip_prefix(AGENT_PREFIX)
+            .map(|v| printable(v.as_bytes()))
     }
 }
 
@@ -184,7 +185,7 @@ mod tests {
     fn agent_version_only_from_evolution() {
         let sent =
             DeliveryHeaders::read(&headers(&[("user-agent", b"EvolutionAPI-Webhook/2.4.0")]));
-        assert_eq!(sent.agent_version(), Some("2.4.0"));
+        assert_eq!(sent.agent_version().as_deref(), Some("2.4.0"));
         let other = DeliveryHeaders::read(&headers(&[("user-agent", b"axios/1.7")]));
         assert_eq!(other.agent_version(), None);
     }

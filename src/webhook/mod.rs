@@ -290,8 +290,8 @@ async fn accept(
         }
         tracing::debug!(
             instance = %envelope.instance,
-            instance_id = sent.instance_id().unwrap_or("-"),
-            evolution = sent.agent_version().unwrap_or("-"),
+            instance_id = sent.instance_id().as_deref().unwrap_or("-"),
+            evolution = sent.agent_version().as_deref().unwrap_or("-"),
             event = %envelope.event,
             age_ms = age.as_millis() as u64,
             retry,
