@@ -27,8 +27,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::StatusCode;
@@ -210,22 +209,24 @@ impl LookupBudget for Admission {
     }
 }
 
-/// HTTP middleware on the socket.io endpoint, outside the key check: handshakes (requests
-/// that open a session, as engineioxide decides it) must get past the connection cap and
-/// the client's rate limit.
-pub async fn check_handshake(
-    State(guard): State<Arc<Guard>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Admission on the socket.io endpoint, outside the key check: handshakes (requests that
+/// open a session, as engineioxide decides it) must get past the connection cap and the
+/// client's rate limit; a request for a session this sidecar closed is answered as
+/// engine.io answers an unknown one. `Err` is the answer to send instead.
+///
+/// Synchronous, so the socket.io stack (`app::socketio`) can run it before the inner
+/// service without boxing a future around every request, parked long-polls included.
+pub fn check_handshake(guard: &Arc<Guard>, request: &mut Request) -> Result<(), Box<Response>> {
     if let Some(sid) = sio_request::session_id(request.uri().query().unwrap_or("")) {
         guard.closed.seen(sid);
         if guard.closed.is_closed(sid) {
             // Engine.IO's own answer to a session it does not know.
             let body = serde_json::json!({ "code": 1, "message": "Session ID unknown" });
-            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+            return Err(Box::new(
+                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response(),
+            ));
         }
-        return next.run(request).await;
+        return Ok(());
     }
     let peer = request
         .extensions()
@@ -233,7 +234,7 @@ pub async fn check_handshake(
         .map(|info| info.0.ip());
     let Some(peer) = peer else {
         // In-process callers (tests through `oneshot`) have no peer address.
-        return next.run(request).await;
+        return Ok(());
     };
     let forwarded_for = request
         .headers()
@@ -249,14 +250,16 @@ pub async fn check_handshake(
             };
             request.extensions_mut().insert(Budget(Arc::new(admission)));
             request.extensions_mut().insert(peer::ClientAddr(client));
-            next.run(request).await
+            Ok(())
         }
         Err(refusal) => {
             metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => refusal.reason())
                 .increment(1);
             tracing::debug!(client = %client, reason = refusal.reason(), "handshake refused");
             let body = serde_json::json!({ "code": 4, "message": refusal.to_string() });
-            (refusal.status(), axum::Json(body)).into_response()
+            Err(Box::new(
+                (refusal.status(), axum::Json(body)).into_response(),
+            ))
         }
     }
 }

@@ -255,31 +255,70 @@ impl NamespaceLabels {
     }
 }
 
-/// Middleware: a span per request carrying `request_id` (from `x-request-id`, else a
-/// counter), `method` and `path`. The path is the matched route where there is one (the
-/// webhook's path token must not be logged); the query is never logged (`apikey=`).
-pub async fn request_span(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    use std::sync::atomic::AtomicU64;
-    use tracing::Instrument;
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 64)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("{:x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)));
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        method = %request.method(),
-        path = %request
-            .extensions()
-            .get::<axum::extract::MatchedPath>()
-            .map_or_else(|| request.uri().path(), |matched| matched.as_str()),
-    );
-    next.run(request).instrument(span).await
+/// A span per request carrying `request_id` (from `x-request-id`, else a counter),
+/// `method` and `path`. The path is the matched route where there is one (the webhook's
+/// path token must not be logged); the query is never logged (`apikey=`).
+///
+/// A tower layer rather than `axum::middleware::from_fn`, which would box a future and a
+/// clone of the router's service per request, for as long as the request is open (a
+/// parked long-poll holds it for up to the ping interval).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestSpanLayer;
+
+impl<S> tower::Layer<S> for RequestSpanLayer {
+    type Service = RequestSpan<S>;
+
+    fn layer(&self, inner: S) -> RequestSpan<S> {
+        RequestSpan { inner }
+    }
+}
+
+/// The service of [`RequestSpanLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestSpan<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RequestSpan<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use std::sync::atomic::AtomicU64;
+        use tracing::Instrument;
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let span = {
+            let given = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 64);
+            let path = request
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map_or_else(|| request.uri().path(), |matched| matched.as_str());
+            match given {
+                Some(id) => {
+                    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %path)
+                }
+                None => {
+                    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                    tracing::info_span!("request", request_id = %format_args!("{id:x}"), method = %request.method(), path = %path)
+                }
+            }
+        };
+        let future = span.in_scope(|| self.inner.call(request));
+        future.instrument(span)
+    }
 }

@@ -324,6 +324,33 @@ fn the_module_graph_keeps_the_documented_rules() {
     assert!(broken.is_empty(), "architecture rules broken: {broken:#?}");
 }
 
+/// ARCHITECTURE.md: nothing on the socket.io stack boxes a future per request after the
+/// handshake, because a parked long-poll would hold the boxes for its whole wait. The
+/// stack's own files must not use `axum::middleware` (`from_fn`, `map_request`, ...).
+#[test]
+fn the_socketio_stack_uses_no_boxing_middleware() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let code = |file: &str| -> String {
+        let text = std::fs::read_to_string(src.join(file)).expect("readable");
+        text.lines().map(code_only).collect::<Vec<_>>().join("\n")
+    };
+    // Positive control: the reader sees `axum::middleware` where it is still used (the
+    // operator's endpoints, which never park).
+    assert!(
+        code("app/mod.rs").contains("axum::middleware::from_fn_with_state"),
+        "the check must be able to see a middleware use"
+    );
+    for file in ["app/socketio.rs", "telemetry.rs"] {
+        let code = code(file);
+        // The unit tests at the bottom may build anything.
+        let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+        assert!(
+            !code.contains("middleware::"),
+            "src/{file} uses axum::middleware, which boxes a future per request"
+        );
+    }
+}
+
 #[test]
 fn a_cycle_is_found_when_there_is_one() {
     // The cycle finder itself, on a graph with and without a cycle.

@@ -168,7 +168,7 @@ impl App {
             .with_state(proxy)
             // Outermost: one span per request, with an id and the path (never the query,
             // which may hold `apikey=`).
-            .layer(axum::middleware::from_fn(telemetry::request_span));
+            .layer(telemetry::RequestSpanLayer);
 
         Ok(Self {
             router,

@@ -14,31 +14,32 @@ use super::{Authenticator, Budget, Error};
 use crate::sio_request::{self, key_from_request};
 use crate::telemetry::names;
 
-/// HTTP middleware on the socket.io endpoint: refuses a handshake whose query or header
-/// key is not valid, the way Evolution/engine.io do, so clients retry.
+/// The key check on the socket.io endpoint: refuses a handshake whose query or header key
+/// is not valid, the way Evolution/engine.io do, so clients retry. `Ok` hands the request
+/// on; `Err` is the refusal to answer with. Anything but a handshake passes untouched, and
+/// so does a handshake without a key (its namespace CONNECT must carry one).
 pub async fn check_handshake(
-    State(auth): State<Arc<Authenticator>>,
+    auth: &Authenticator,
     request: Request,
-    next: Next,
-) -> Response {
+) -> Result<Request, Box<Response>> {
     if !sio_request::is_handshake(request.uri()) {
-        return next.run(request).await;
+        return Ok(request);
     }
     let query = request.uri().query().unwrap_or("");
     let websocket = sio_request::query_param(query, "transport").as_deref() == Some("websocket");
     let (parts, body) = request.into_parts();
     let Some(key) = key_from_request(&parts) else {
-        return next.run(Request::from_parts(parts, body)).await;
+        return Ok(Request::from_parts(parts, body));
     };
     match auth.resolve(&key, &Budget::of(&parts.extensions)).await {
         Ok(principal) => {
             tracing::debug!(principal = %principal.label(), "handshake accepted");
-            next.run(Request::from_parts(parts, body)).await
+            Ok(Request::from_parts(parts, body))
         }
         Err(err) => {
             tracing::debug!(error = %err, websocket, "handshake refused");
             metrics::counter!(names::HANDSHAKE_REJECTIONS, "reason" => err.reason()).increment(1);
-            handshake_refusal(&err, websocket)
+            Err(Box::new(handshake_refusal(&err, websocket)))
         }
     }
 }
