@@ -226,12 +226,26 @@ pub const EVOLUTION_EVENTS: &[&str] = &[
 ];
 
 /// The event Evolution sends under this name (any form: dotted, UPPER_SNAKE), if any.
+///
+/// Runs for every webhook (its metric label), so it compares in place: `upper_snake` maps
+/// ASCII bytes one to one and leaves every other byte alone, so two names have the same
+/// UPPER_SNAKE form exactly when their bytes match after `snake_fold`.
 pub fn evolution_event(name: &str) -> Option<&'static str> {
-    let upper = upper_snake(name);
-    EVOLUTION_EVENTS
-        .iter()
-        .find(|known| upper_snake(known) == upper)
-        .copied()
+    EVOLUTION_EVENTS.iter().copied().find(|known| {
+        known.len() == name.len()
+            && known
+                .bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| snake_fold(a) == snake_fold(b))
+    })
+}
+
+/// One byte of `upper_snake`.
+fn snake_fold(byte: u8) -> u8 {
+    match byte {
+        b'.' | b'-' => b'_',
+        byte => byte.to_ascii_uppercase(),
+    }
 }
 
 /// The Evolution event whose UPPER_SNAKE form is closest to `name`'s (edit distance), for

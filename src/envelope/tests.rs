@@ -159,6 +159,11 @@ fn evolution_events_are_known_in_every_form() {
         Some("messaging-history.set")
     );
     assert_eq!(evolution_event("MESAGES_UPSERT"), None);
+    assert_eq!(evolution_event("Messages-Upsert"), Some("messages.upsert"));
+    assert_eq!(evolution_event("messages.upsert.x"), None);
+    assert_eq!(evolution_event(""), None);
+    // Non-ASCII bytes are compared as they are, as `upper_snake` leaves them.
+    assert_eq!(evolution_event("messages.upsért"), None);
     assert_eq!(closest_evolution_event("MESAGES_UPSERT"), "messages.upsert");
     assert_eq!(
         closest_evolution_event("conection.update"),
@@ -185,4 +190,37 @@ fn every_name_evolution_accepts_is_an_instance() {
     for unsafe_name in ["a/b", "a\\b", "..", ".", "", "a\nb"] {
         assert!(InstanceName::parse(unsafe_name).is_err(), "{unsafe_name:?}");
     }
+}
+
+/// The in-place comparison agrees with the definition: same UPPER_SNAKE form.
+#[test]
+fn evolution_event_agrees_with_comparing_upper_snake_forms() {
+    let by_definition = |name: &str| {
+        let upper = upper_snake(name);
+        EVOLUTION_EVENTS
+            .iter()
+            .copied()
+            .find(|known| upper_snake(known) == upper)
+    };
+    let mut names: Vec<String> = Vec::new();
+    for known in EVOLUTION_EVENTS {
+        names.push(known.to_string());
+        names.push(upper_snake(known));
+        names.push(known.replace('.', "-"));
+        names.push(known.to_ascii_uppercase().replace('_', "."));
+        names.push(format!("{known}x"));
+        names.push(known[..known.len() - 1].to_string());
+        names.push(known.replacen('e', "é", 1));
+    }
+    for name in &names {
+        assert_eq!(evolution_event(name), by_definition(name), "{name:?}");
+    }
+    // Positive control: the forms above do name known events.
+    assert!(
+        names
+            .iter()
+            .filter(|n| evolution_event(n).is_some())
+            .count()
+            >= 4 * EVOLUTION_EVENTS.len()
+    );
 }
