@@ -227,25 +227,17 @@ pub const EVOLUTION_EVENTS: &[&str] = &[
 
 /// The event Evolution sends under this name (any form: dotted, UPPER_SNAKE), if any.
 ///
-/// Runs for every webhook (its metric label), so it compares in place: `upper_snake` maps
-/// ASCII bytes one to one and leaves every other byte alone, so two names have the same
-/// UPPER_SNAKE form exactly when their bytes match after `snake_fold`.
+/// Runs for every webhook (its metric label), so it compares in place: `snake_fold` maps
+/// ASCII to ASCII and leaves every other character alone, so two names have the same
+/// `upper_snake` form exactly when their bytes match after it.
 pub fn evolution_event(name: &str) -> Option<&'static str> {
     EVOLUTION_EVENTS.iter().copied().find(|known| {
         known.len() == name.len()
             && known
                 .bytes()
                 .zip(name.bytes())
-                .all(|(a, b)| snake_fold(a) == snake_fold(b))
+                .all(|(a, b)| snake_fold(char::from(a)) == snake_fold(char::from(b)))
     })
-}
-
-/// One byte of `upper_snake`.
-fn snake_fold(byte: u8) -> u8 {
-    match byte {
-        b'.' | b'-' => b'_',
-        byte => byte.to_ascii_uppercase(),
-    }
 }
 
 /// The Evolution event whose UPPER_SNAKE form is closest to `name`'s (edit distance), for
@@ -271,12 +263,15 @@ const RESERVED_EVENTS: [&str; 6] = [
 
 /// Any event-name spelling to UPPER_SNAKE: `event.replace(/[.-]/g,'_').toUpperCase()`.
 pub fn upper_snake(name: &str) -> String {
-    name.chars()
-        .map(|c| match c {
-            '.' | '-' => '_',
-            c => c.to_ascii_uppercase(),
-        })
-        .collect()
+    name.chars().map(snake_fold).collect()
+}
+
+/// One character of `upper_snake`.
+fn snake_fold(c: char) -> char {
+    match c {
+        '.' | '-' => '_',
+        c => c.to_ascii_uppercase(),
+    }
 }
 
 /// Whether a string is a well-formed UPPER_SNAKE filter name (`MESSAGES_UPSERT`).
